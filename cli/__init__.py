@@ -1,0 +1,1 @@
+"""The `drivesim` command line (typer)."""

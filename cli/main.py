@@ -1,0 +1,62 @@
+"""The `drivesim` command: a typer app whose command groups live in sibling modules.
+
+Errors from bad user input (`DrivesimError`) print as one red line and exit with status 1; `--debug` (anywhere
+on the command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from drivesim.cli import data as data_cmds
+from drivesim.cli import eval as eval_cmds
+from drivesim.errors import DrivesimError
+
+app = typer.Typer(
+    name="drivesim",
+    help="drivesim: box- and day/night-conditioned driving video with Video Latent Diffusion.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data_cmds.app, name="data")
+app.add_typer(eval_cmds.app, name="eval")
+
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    """drivesim: box- and day/night-conditioned driving video with Video Latent Diffusion."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `drivesim` console script. Returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="drivesim", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        err_console.print("[red]aborted[/red]")
+        return 130
+    except DrivesimError as e:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: the drivesim clip format, MetaDrive generator, nuScenes adapter, latent cache."""

@@ -1,0 +1,390 @@
+"""Frozen dataclass configs for every drivesim model and for training, and the preset registry.
+
+Presets (see `../shared/SPEC.md`):
+- `tiny`: seconds per run, for tests and the CI smoke run of `drivesim demo`.
+- `cpu-small`: minutes on a 2-core CPU at 128x256 (latent 4x16x32).
+- `paper-512x1024`: the paper's driving stack (128x256 key frames, x4 upsampler to 512x1024).
+
+YAML exists only as a dump/load of these dataclasses (`to_dict` / `from_dict`): unknown keys are rejected by
+name, so a typo fails at load time, not deep inside training.
+
+Each model's config block is owned by the module that implements the model; the model stores its config as
+`.config` and a checkpoint's `config.json` holds `to_dict(config)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from drivesim.errors import ConfigError
+
+FORMAT_VERSION = 1
+"""Schema version written into every checkpoint's and cache's config; bump when a field changes meaning."""
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model configs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """KL-f8 autoencoder (LDM "KL-f8"): 3 downsamplings, `latent_channels` = 4."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    # 1 / std of latents over a sample of the training set; computed from data, never typed by hand.
+    scale_factor: float = 1.0
+    # loss (LDM recipe)
+    rec_loss: str = "l1"
+    kl_weight: float = 1e-6
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    disc_layers: int = 3
+    lpips_weights: str | None = None
+    lpips_weight: float = 1.0
+    # video decoder (SPEC step 4): temporal 3D-conv blocks with alpha mixing in the decoder only
+    video_decoder: bool = False
+    temporal_merge: str = "learned"
+    temporal_alpha_init: float = 1.0
+    decode_chunk_frames: int = 8
+    decode_chunk_overlap: int = 2
+
+
+@dataclass(frozen=True)
+class BoxConditioningConfig:
+    """Per-frame box tokens (GLIGEN): Fourier features of xyxy + class embedding -> MLP, gated self-attention."""
+
+    max_boxes: int = 16
+    num_classes: int = 11
+    fourier_freqs: int = 8
+    token_dim: int = 256
+    # classifier-free guidance dropout (SPEC "Conditioning in the driving model"; p = 0.1 is 2°)
+    drop_boxes_p: float = 0.1
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Spatial ADM/LDM U-Net on latents; the video models wrap it (issue 5/6)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (2,)
+    num_head_channels: int = 32
+    dropout: float = 0.0
+    num_crowdedness_buckets: int = 5
+    drop_night_p: float = 0.1
+    drop_crowdedness_p: float = 0.1
+    boxes: BoxConditioningConfig = field(default_factory=BoxConditioningConfig)
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Temporal layers inserted into the spatial U-Net (SPEC section 1, "Temporal layers")."""
+
+    merge_strategy: str = "learned_with_images"  # fixed | learned | learned_with_images
+    alpha_init: float = 1.0
+    attention: bool = True
+    conv3d: bool = True
+    relative_positions: bool = False
+    max_attention_distance: int = 8
+    train_spatial: bool = False
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and parameterisation (SPEC: 1000 steps, linear VP; v-prediction for driving)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    prediction_type: str = "v_prediction"
+    sampler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImageLDMConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass(frozen=True)
+class VideoLDMConfig:
+    """Key-frame prediction or interpolation model = spatial U-Net + temporal layers (issue 6)."""
+
+    stage: str = "prediction"  # prediction | interpolation
+    num_frames: int = 8
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # LVDM conditional latent perturbation: s ~ U{0..s_max} in training, fixed s at sampling
+    context_noise_max: int = 250
+    context_noise_sample: int = 100
+    frame_stride: int = 5
+
+
+@dataclass(frozen=True)
+class UpsamplerConfig:
+    """Pixel-space x4 video upsampler (SPEC step 5)."""
+
+    scale: int = 4
+    patch_size: int = 80
+    chunk_frames: int = 8
+    max_noise_level: int = 250
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=6, out_channels=3))
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training config
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run through the shared accelerate loop (issue 3)."""
+
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    max_bad_steps: int = 10
+    num_workers: int = 0
+    tracker: str | None = "tensorboard"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything one named preset fixes: every model's config and each stage's training config."""
+
+    name: str
+    resolution: tuple[int, int]  # (h, w) of key frames in pixels
+    autoencoder: AutoencoderConfig
+    image_ldm: ImageLDMConfig
+    prediction: VideoLDMConfig
+    interpolation: VideoLDMConfig
+    upsampler: UpsamplerConfig
+    train: dict[str, TrainConfig]  # stage name -> training config
+
+
+def _tiny() -> Preset:
+    unet = UNetConfig(
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+        num_head_channels=16, boxes=BoxConditioningConfig(max_boxes=8, token_dim=32, fourier_freqs=4),
+    )
+    quick = TrainConfig(max_steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1, tracker=None)
+    return Preset(
+        name="tiny",
+        resolution=(32, 64),
+        autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 1, 2, 2), num_res_blocks=1, disc_start=2,
+                                      disc_channels=8, disc_layers=2),
+        image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=4)),
+        prediction=VideoLDMConfig(stage="prediction", num_frames=4, unet=unet,
+                                  diffusion=DiffusionConfig(num_inference_steps=4)),
+        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet,
+                                     diffusion=DiffusionConfig(num_inference_steps=4)),
+        upsampler=UpsamplerConfig(patch_size=16, chunk_frames=4,
+                                  unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
+        train={s: quick for s in ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation",
+                                  "upsampler")},
+    )
+
+
+def _cpu_small() -> Preset:
+    unet = UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+        num_head_channels=32, boxes=BoxConditioningConfig(max_boxes=16, token_dim=128, fourier_freqs=8),
+    )
+    base = TrainConfig(max_steps=2000, max_minutes=5.0, batch_size=8, warmup_steps=50, checkpoint_every=250,
+                       lr=2e-4, ema_decay=0.995)
+    return Preset(
+        name="cpu-small",
+        resolution=(128, 256),
+        autoencoder=AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+                                      disc_start=1000, disc_channels=32, disc_layers=3),
+        image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=25)),
+        prediction=VideoLDMConfig(stage="prediction", num_frames=6, unet=unet,
+                                  diffusion=DiffusionConfig(num_inference_steps=25)),
+        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet,
+                                     diffusion=DiffusionConfig(num_inference_steps=25)),
+        upsampler=UpsamplerConfig(patch_size=64, unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
+        train={s: base for s in ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation",
+                                 "upsampler")},
+    )
+
+
+def _paper() -> Preset:
+    # LDM widths for the 128x256 key-frame backbone (latent 4x16x32); training scale from SPEC (2°).
+    unet = UNetConfig(
+        model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
+        num_head_channels=64, boxes=BoxConditioningConfig(max_boxes=32, token_dim=768, fourier_freqs=8),
+        gradient_checkpointing=True,
+    )
+    keyframe = TrainConfig(max_steps=73_000, batch_size=40, lr=1e-4, warmup_steps=1000, mixed_precision="bf16",
+                           checkpoint_every=2000, ema_decay=0.9999)
+    return Preset(
+        name="paper-512x1024",
+        resolution=(128, 256),
+        autoencoder=AutoencoderConfig(base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2),
+        image_ldm=ImageLDMConfig(unet=unet),
+        prediction=VideoLDMConfig(stage="prediction", num_frames=8, unet=unet, frame_stride=5),
+        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet),
+        upsampler=UpsamplerConfig(
+            patch_size=80, unet=UNetConfig(in_channels=6, out_channels=3, model_channels=128,
+                                           channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                           attention_resolutions=(), gradient_checkpointing=True),
+        ),
+        train={
+            "autoencoder": dataclasses.replace(keyframe, max_steps=100_000, batch_size=8, lr=4.5e-6),
+            "video_decoder": dataclasses.replace(keyframe, max_steps=20_000, batch_size=4, lr=4.5e-6),
+            "image_ldm": keyframe,
+            "prediction": keyframe,
+            "interpolation": keyframe,
+            "upsampler": dataclasses.replace(keyframe, max_steps=84_000, batch_size=4, lr=1e-5),
+        },
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Preset]] = {
+    "tiny": _tiny,
+    "cpu-small": _cpu_small,
+    "paper-512x1024": _paper,
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Return the preset called `name`.
+
+    Raises:
+        ConfigError: unknown preset (the message lists the known ones).
+    """
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict / YAML round trip with strict keys
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass (nested) -> plain JSON/YAML-able dict; tuples become lists."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def from_dict(cls: type[T], data: Any, source: str = "config", _path: str = "") -> T:
+    """Build dataclass `cls` from a plain dict, checking every key and value type.
+
+    Args:
+        cls: the dataclass to build.
+        data: the mapping (e.g. parsed JSON/YAML).
+        source: file name (or other origin) used in error messages.
+
+    Raises:
+        ConfigError: unknown key, missing mapping, or a value of the wrong type; the message names `source`
+            and the dotted field path.
+    """
+    where = _path or "<root>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: {_join(_path, unknown[0])}: unknown key for {cls.__name__}")
+    kwargs = {k: _convert(hints[k], v, source, _join(_path, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{source}: {where}: {e}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, source, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {path}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, source, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{source}: {path}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, source, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {path}: expected a mapping, got {value!r}")
+        return {k: _convert(args[1], v, source, _join(path, str(k))) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {path}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{source}: {path}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
