@@ -10,10 +10,10 @@ import sys
 
 import click
 import typer
-from rich.console import Console
-
 from drivesim.cli import data as data_cmds
 from drivesim.cli import eval as eval_cmds
+from rich.console import Console
+
 from drivesim.errors import DrivesimError
 
 app = typer.Typer(

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
+
 from drivesim.errors import DataError
 
 FORMAT = "drivesim-clips"
@@ -330,7 +330,7 @@ def write_clip(dataset_dir: str | Path, frames: np.ndarray, annotation: ClipAnno
 def write_manifest(dataset_dir: str | Path, clips: list[tuple[str, str]], **meta: Any) -> Path:
     """Write `manifest.json` listing `(clip_id, split)` pairs; `meta` (source, command, seed...) is recorded."""
     root = Path(dataset_dir)
-    for clip_id, split in clips:
+    for _clip_id, split in clips:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data = {

@@ -370,7 +370,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             return tuple(_convert(args[0], v, source, f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{source}: {path}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, source, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, source, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {path}: expected a mapping, got {value!r}")
