@@ -2,7 +2,97 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Inspect, validate, simulate and preview datasets in the drivesim clip format.",
                   no_args_is_help=True)
+
+
+# ---- info / validate / from-nuscenes (datasets owner) ---------------------------------------------------------
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """'128x256' (height x width) -> (128, 256)."""
+    from drivesim.errors import ConfigError
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size: expected HEIGHTxWIDTH such as 128x256, got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise ConfigError(f"--size: height and width must be positive multiples of 8, got {text!r}")
+    return h, w
+
+
+@app.command("info")
+def info(
+    path: Path = typer.Argument(..., help="Dataset folder (with manifest.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise a dataset: clips, frames, fps, resolution, day/night, boxes per frame, classes (per split)."""
+    import json
+
+    from drivesim.datasets.clips import dataset_summary
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = dataset_summary(path)
+    console = Console()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    splits = {**summary["splits"], "all": summary["all"]}
+    table = Table(title=f"{summary['path']}  ({summary['source'] or 'unknown source'}, format "
+                        f"v{summary['format_version']})")
+    table.add_column("")
+    for name in splits:
+        table.add_column(name, justify="right")
+    rows = [("clips", "clips"), ("frames", "frames"), ("fps", "fps"), ("resolution (WxH)", "resolutions"),
+            ("day clips", "day"), ("night clips", "night"), ("boxes / frame (mean)", "boxes_per_frame_mean"),
+            ("boxes / frame (max)", "boxes_per_frame_max"), ("empty frames", "empty_frames"),
+            ("vehicles / clip (mean)", "crowdedness_mean")]
+    for label, key in rows:
+        table.add_row(label, *(", ".join(map(str, s[key])) if isinstance(s[key], list) else str(s[key])
+                               for s in splits.values()))
+    console.print(table)
+    classes = Table(title="boxes per class")
+    classes.add_column("class")
+    for name in splits:
+        classes.add_column(name, justify="right")
+    for cls in summary["all"]["classes"]:
+        if summary["all"]["classes"][cls]:
+            classes.add_row(cls, *(str(s["classes"][cls]) for s in splits.values()))
+    console.print(classes)
+
+
+@app.command("validate")
+def validate(
+    path: Path = typer.Argument(..., help="Dataset folder (with manifest.json)."),
+    all_notes: bool = typer.Option(False, "--notes", help="Print every note (default: a count per file)."),
+    no_decode: bool = typer.Option(False, "--no-decode", help="Check the JSON only; do not decode videos."),
+) -> None:
+    """Check every clip; print one line per problem and exit 1 if there is any.
+
+    Boxes that stick out of the image are clipped by the readers and reported as notes, not failures.
+    """
+    from collections import Counter
+
+    from drivesim.datasets.clips import validate_dataset
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    report = validate_dataset(path, decode=not no_decode)
+    if all_notes:
+        for note in report.notes:
+            console.print(f"[yellow]note[/yellow] {note}")
+    else:
+        for file, n in Counter(note.split(": ", 1)[0] for note in report.notes).items():
+            console.print(f"[yellow]note[/yellow] {file}: {n} box(es) clipped to the image (--notes lists them)")
+    for problem in report.problems:
+        console.print(f"[red]FAIL[/red] {problem}")
+    status = "[green]ok[/green]" if report.ok else f"[red]{len(report.problems)} problem(s)[/red]"
+    console.print(f"{path}: {report.clips_checked} clip(s) checked, {status}, {len(report.notes)} note(s)")
+    if not report.ok:
+        raise typer.Exit(code=1)

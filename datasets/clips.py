@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
 
 from drivesim.errors import DataError
@@ -230,8 +231,14 @@ def parse_box(raw: Any, width: int, height: int, path: Path, where: str) -> tupl
     return Box(str(track_id), cls, cx1, cy1, cx2, cy2), note
 
 
-def annotation_from_json(data: Any, path: Path) -> ClipAnnotation:
-    """Validate a parsed annotation JSON (see module docstring). Raises DataError naming `path` and the field."""
+def annotation_from_json(data: Any, path: Path, problems: list[str] | None = None) -> ClipAnnotation:
+    """Validate a parsed annotation JSON (see module docstring). Raises DataError naming `path` and the field.
+
+    Args:
+        problems: when given, invalid boxes do not raise: each one's error line is appended here and the box is
+            dropped, so `drivesim data validate` can report every bad box of a file. Errors in clip-level fields
+            still raise.
+    """
     if not isinstance(data, dict):
         raise DataError(f"{path}: <root>: expected an object")
     version = _require(data, "format_version", int, path)
@@ -268,7 +275,13 @@ def annotation_from_json(data: Any, path: Path) -> ClipAnnotation:
         raw_boxes = _require(raw, "boxes", list, path, f"frames[{k}].")
         boxes = []
         for j, rb in enumerate(raw_boxes):
-            box, note = parse_box(rb, width, height, path, f"frames[{k}].boxes[{j}]")
+            try:
+                box, note = parse_box(rb, width, height, path, f"frames[{k}].boxes[{j}]")
+            except DataError as e:
+                if problems is None:
+                    raise
+                problems.append(str(e))
+                continue
             boxes.append(box)
             if note:
                 notes.append(note)
@@ -277,8 +290,11 @@ def annotation_from_json(data: Any, path: Path) -> ClipAnnotation:
     return ClipAnnotation(str(clip_id), fps, width, height, night, crowdedness, source, frames, notes)
 
 
-def read_annotation(path: str | Path) -> ClipAnnotation:
-    """Read and validate one clip annotation JSON. Raises DataError naming the file and field."""
+def read_annotation(path: str | Path, problems: list[str] | None = None) -> ClipAnnotation:
+    """Read and validate one clip annotation JSON. Raises DataError naming the file and field.
+
+    `problems`: see `annotation_from_json` (collect bad boxes instead of raising on the first).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotation: file not found")
@@ -286,7 +302,7 @@ def read_annotation(path: str | Path) -> ClipAnnotation:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: annotation: not valid JSON ({e})") from None
-    return annotation_from_json(data, path)
+    return annotation_from_json(data, path, problems)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -398,6 +414,12 @@ def load_clip(entry: ClipEntry) -> tuple[np.ndarray, ClipAnnotation]:
     """
     ann = read_annotation(entry.annotation)
     frames = read_video(entry.video)
+    check_video_agrees(entry, ann, frames)
+    return frames, ann
+
+
+def check_video_agrees(entry: ClipEntry, ann: ClipAnnotation, frames: np.ndarray) -> None:
+    """Raise DataError (naming the video and the field) if decoded frames disagree with the annotation."""
     t, h, w, _ = frames.shape
     if (h, w) != (ann.height, ann.width):
         raise DataError(f"{entry.video}: resolution: video is {w}x{h} but {entry.annotation.name} says "
@@ -405,9 +427,183 @@ def load_clip(entry: ClipEntry) -> tuple[np.ndarray, ClipAnnotation]:
     if t != ann.num_frames:
         raise DataError(f"{entry.video}: num_frames: video has {t} frames but {entry.annotation.name} has "
                         f"{ann.num_frames} (truncated video?)")
-    return frames, ann
 
 
 def copy_dataset(src: str | Path, dst: str | Path) -> None:
     """Copy a dataset folder (used by tests and exports); `dst` must not exist."""
     shutil.copytree(src, dst)
+
+
+def track_id_map(annotation: ClipAnnotation) -> dict[str, int]:
+    """Stable int64 track ids for a clip: each string track id gets 0, 1, 2, ... in order of first appearance.
+
+    Ids are only meaningful within one clip (the models use them to tell tracks apart, never across clips).
+    """
+    ids: dict[str, int] = {}
+    for boxes in annotation.frames:
+        for b in boxes:
+            ids.setdefault(b.track_id, len(ids))
+    return ids
+
+
+def pack_annotation(annotation: ClipAnnotation, max_boxes: int) -> PackedBoxes:
+    """All frames' boxes of a clip as padded arrays (see `drivesim.bbox_conditioning.boxes.pack_boxes`).
+
+    Returns:
+        PackedBoxes: boxes (T, n, 4) float32 normalised xyxy, classes (T, n) int64, mask (T, n) bool,
+        track_ids (T, n) int64 from `track_id_map` (-1 padding); n = max_boxes, largest boxes kept.
+    """
+    ids = track_id_map(annotation)
+    frames = [[(ids[b.track_id], CLASS_TO_ID[b.cls], b.x1, b.y1, b.x2, b.y2) for b in boxes]
+              for boxes in annotation.frames]
+    return pack_boxes(frames, annotation.width, annotation.height, max_boxes)
+
+
+def write_synthetic_dataset(root: str | Path, clips: int = 2, frames: int = 4, size: tuple[int, int] = (32, 64),
+                            fps: float = 10.0, seed: int = 0, splits: tuple[str, ...] | None = None) -> Manifest:
+    """A tiny valid dataset for tests: each clip is a grey road with one or two moving coloured rectangles, and
+    each rectangle is annotated with exactly the pixels it covers (so box/pixel consistency can be checked).
+
+    Args:
+        root: folder to create/fill.
+        clips: number of clips; splits default to alternating train/val (clip 0 train).
+        frames: frames per clip. size: (h, w), both even.
+
+    Returns:
+        the manifest as read back.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = size
+    rows = []
+    for c in range(clips):
+        video = np.full((frames, h, w, 3), 90, np.uint8)
+        video[:, h // 2:] = 60  # "road" below the horizon
+        per_frame: list[list[Box]] = [[] for _ in range(frames)]
+        num_objects = 1 + c % 2
+        for o in range(num_objects):
+            bw, bh = int(rng.integers(w // 8, w // 4)), int(rng.integers(h // 6, h // 3))
+            x0, y0 = int(rng.integers(0, w - bw - frames)), int(rng.integers(0, h - bh))
+            colour = rng.integers(150, 256, 3).astype(np.uint8)
+            cls = ("car", "truck", "pedestrian")[(c + o) % 3]
+            for k in range(frames):
+                x = x0 + k  # one pixel to the right per frame
+                video[k, y0:y0 + bh, x:x + bw] = colour
+                per_frame[k].append(Box(str(10 + o), cls, float(x), float(y0), float(x + bw), float(y0 + bh)))
+        clip_id = f"clip_{c:04d}"
+        split = splits[c] if splits is not None else ("train", "val")[c % 2]
+        vehicles = sum(1 for o in range(num_objects) if ("car", "truck", "pedestrian")[(c + o) % 3] != "pedestrian")
+        ann = ClipAnnotation(clip_id, fps, w, h, night=c % 2, crowdedness=vehicles, source="synthetic test",
+                             frames=per_frame)
+        write_clip(root, video, ann)
+        rows.append((clip_id, split))
+    write_manifest(root, rows, source="synthetic test", command="write_synthetic_dataset", seed=seed)
+    return read_manifest(root)
+
+
+def dataset_summary(root: str | Path) -> dict[str, Any]:
+    """Statistics of a dataset from its manifest and annotations (videos are not decoded).
+
+    Returns:
+        {"path", "format_version", "source", "splits": {split: stats}, "all": stats}, where stats has "clips",
+        "frames", "fps" (sorted distinct), "resolutions" (sorted distinct "WxH"), "day", "night",
+        "boxes_per_frame_mean", "boxes_per_frame_max", "empty_frames", "crowdedness_mean", "classes"
+        ({name: box count}, every known class listed).
+
+    Raises:
+        DataError: invalid manifest or annotation (the first one found).
+    """
+    from drivesim.bbox_conditioning.classes import CLASS_NAMES
+
+    manifest = read_manifest(root)
+
+    def empty() -> dict[str, Any]:
+        return {"clips": 0, "frames": 0, "fps": set(), "resolutions": set(), "day": 0, "night": 0, "boxes": 0,
+                "boxes_per_frame_max": 0, "empty_frames": 0, "crowdedness": 0, "classes": dict.fromkeys(CLASS_NAMES, 0)}
+
+    stats: dict[str, dict[str, Any]] = {"all": empty()}
+    for entry in manifest.clips:
+        ann = read_annotation(entry.annotation)
+        for s in (stats.setdefault(entry.split, empty()), stats["all"]):
+            s["clips"] += 1
+            s["frames"] += ann.num_frames
+            s["fps"].add(ann.fps)
+            s["resolutions"].add(f"{ann.width}x{ann.height}")
+            s["night" if ann.night else "day"] += 1
+            s["crowdedness"] += ann.crowdedness
+            for boxes in ann.frames:
+                s["boxes"] += len(boxes)
+                s["boxes_per_frame_max"] = max(s["boxes_per_frame_max"], len(boxes))
+                s["empty_frames"] += not boxes
+                for b in boxes:
+                    s["classes"][b.cls] += 1
+
+    def finish(s: dict[str, Any]) -> dict[str, Any]:
+        frames = max(s["frames"], 1)
+        return {"clips": s["clips"], "frames": s["frames"], "fps": sorted(s["fps"]),
+                "resolutions": sorted(s["resolutions"]), "day": s["day"], "night": s["night"],
+                "boxes_per_frame_mean": round(s["boxes"] / frames, 3), "boxes_per_frame_max": s["boxes_per_frame_max"],
+                "empty_frames": s["empty_frames"], "crowdedness_mean": round(s["crowdedness"] / max(s["clips"], 1), 3),
+                "classes": s["classes"]}
+
+    return {"path": str(manifest.root), "format_version": manifest.meta.get("format_version"),
+            "source": manifest.meta.get("source", ""),
+            "splits": {k: finish(v) for k, v in stats.items() if k != "all"}, "all": finish(stats["all"])}
+
+
+@dataclass
+class ValidationReport:
+    """Result of `validate_dataset`: `problems` fail validation; `notes` (e.g. clipped boxes) do not."""
+
+    clips_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_dataset(root: str | Path, decode: bool = True) -> ValidationReport:
+    """Check every clip of a dataset: manifest, annotation fields and boxes, video decoding, frame count/size.
+
+    Boxes that overlap the image but stick out are clipped by readers: they are reported as notes, not problems,
+    because training sees a valid box either way (renderers and projections routinely emit them). Every other
+    finding is a problem; all boxes of a file are checked, not just the first bad one.
+
+    Args:
+        decode: also decode every video (slow on big datasets; False checks the JSON only).
+
+    Returns:
+        a ValidationReport; problem/note lines each name the file and the field.
+    """
+    report = ValidationReport()
+    try:
+        manifest = read_manifest(root)
+    except DataError as e:
+        report.problems.append(str(e))
+        return report
+    for entry in manifest.clips:
+        report.clips_checked += 1
+        box_problems: list[str] = []
+        try:
+            ann = read_annotation(entry.annotation, problems=box_problems)
+        except DataError as e:
+            report.problems.append(str(e))
+            ann = None
+        report.problems.extend(box_problems)
+        if ann is not None:
+            report.notes.extend(ann.notes)
+            if ann.clip_id != entry.clip_id:
+                report.problems.append(f"{entry.annotation}: id: {ann.clip_id!r} but the manifest lists "
+                                       f"{entry.clip_id!r}")
+        if not decode:
+            if not entry.video.is_file():
+                report.problems.append(f"{entry.video}: video: file not found")
+            continue
+        try:
+            frames = read_video(entry.video)
+            if ann is not None:
+                check_video_agrees(entry, ann, frames)
+        except DataError as e:
+            report.problems.append(str(e))
+    return report

@@ -1,0 +1,317 @@
+"""HDF5 latent cache: a dataset's clips encoded once by the autoencoder, read by training without video decoding.
+
+File layout (h5py)::
+
+    /                      attrs: format="drivesim-latent-cache", format_version=1, encoder_id (sha256 hex, see
+                           `encoder_id`), scale_factor (float, the autoencoder's), created_by, dataset (source
+                           folder), max_boxes
+    /clips/<clip_id>/      attrs: night (0/1), crowdedness, fps, split, width, height (pixels of the encoded frames)
+        latents            (T, 4, h, w) float16 (default) or float32 UNSCALED latents (what the encoder returns),
+                           one HDF5 chunk per clip, so reading a clip is one read
+        boxes              (T, n, 4) float32 normalised xyxy      classes    (T, n) int64
+        box_mask           (T, n) bool                            track_ids  (T, n) int64, -1 padding
+
+A cache is written to a temp file next to `path` and renamed on close, so a crash leaves no half cache. A reader
+given `expected_encoder_id` refuses a cache written by another encoder (config or weights changed), since its
+latents no longer match what the decoder expects.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import platform
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from drivesim.bbox_conditioning.boxes import PackedBoxes
+from drivesim.datasets.clips import load_clip, pack_annotation, read_manifest
+from drivesim.datasets.torch_data import enumerate_windows
+from drivesim.datasets.transforms import frames_to_tensor, resize_frames
+from torch.utils.data import Dataset
+
+from drivesim.errors import DataError
+
+FORMAT = "drivesim-latent-cache"
+FORMAT_VERSION = 1
+
+
+def encoder_id(config: dict[str, Any], weights_digest: str) -> str:
+    """Identity of an encoder: sha256 hex of its canonical config JSON (sorted keys) + its weights digest.
+
+    Args:
+        config: the autoencoder's config as a plain dict (e.g. `drivesim.configs.to_dict(ae.config)`).
+        weights_digest: a digest of its weights (e.g. the sha256 of model.safetensors).
+    """
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n" + weights_digest
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class LatentCacheWriter:
+    """Writes a latent cache; use as a context manager (an exception discards the temp file).
+
+    Args:
+        path: final .h5 path (created only by `close()`).
+        encoder_id: `encoder_id(...)` of the encoder producing the latents.
+        scale_factor: the autoencoder's latent scale factor (readers multiply latents by it).
+        max_boxes: box slots per frame in the stored box arrays.
+        dtype: "float16" or "float32" for latents.
+        created_by: free text recorded in the root attrs (default: user@host drivesim).
+        dataset: source dataset folder recorded in the root attrs.
+    """
+
+    def __init__(self, path: str | Path, encoder_id: str, scale_factor: float = 1.0, max_boxes: int = 16,
+                 dtype: str = "float16", created_by: str | None = None, dataset: str = ""):
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.dtype = np.dtype(dtype)
+        self.max_boxes = max_boxes
+        self.file = h5py.File(self.tmp, "w")
+        if created_by is None:
+            created_by = f"drivesim on {getpass.getuser()}@{platform.node()}"
+        self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "encoder_id": encoder_id,
+                                "scale_factor": float(scale_factor), "created_by": created_by, "dataset": dataset,
+                                "max_boxes": max_boxes})
+        self.clips = self.file.create_group("clips")
+
+    def add_clip(self, clip_id: str, latents: np.ndarray | torch.Tensor, packed: PackedBoxes, *, night: int,
+                 crowdedness: int, fps: float, split: str, width: int, height: int) -> None:
+        """Store one clip. latents: (T, c, h, w) unscaled; packed: its boxes with T frames and max_boxes slots."""
+        if isinstance(latents, torch.Tensor):
+            latents = latents.detach().float().cpu().numpy()
+        latents = np.asarray(latents)
+        if latents.ndim != 4 or latents.shape[0] != packed.boxes.shape[0]:
+            raise ValueError(f"latents {latents.shape} must be (T, c, h, w) with T = {packed.boxes.shape[0]}")
+        if packed.boxes.shape[1] != self.max_boxes:
+            raise ValueError(f"packed boxes have {packed.boxes.shape[1]} slots, cache has max_boxes={self.max_boxes}")
+        if clip_id in self.clips:
+            raise ValueError(f"clip {clip_id!r} already written")
+        g = self.clips.create_group(clip_id)
+        g.create_dataset("latents", data=latents.astype(self.dtype), chunks=latents.shape)
+        for name, arr in (("boxes", packed.boxes), ("classes", packed.classes), ("box_mask", packed.mask),
+                          ("track_ids", packed.track_ids)):
+            g.create_dataset(name, data=arr)
+        g.attrs.update({"night": int(night), "crowdedness": int(crowdedness), "fps": float(fps), "split": split,
+                        "width": int(width), "height": int(height)})
+
+    def close(self) -> Path:
+        """Flush and atomically move the finished cache to `path`."""
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written (the temp file is removed; `path` is untouched)."""
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> LatentCacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@torch.no_grad()
+def write_cache(dataset_root: str | Path, encode_fn: Callable[[torch.Tensor], torch.Tensor], out: str | Path,
+                encoder_id: str, batch_frames: int = 16, scale_factor: float = 1.0, max_boxes: int = 16,
+                size: tuple[int, int] | None = None, dtype: str = "float16", splits: tuple[str, ...] = ("train", "val"),
+                created_by: str | None = None) -> Path:
+    """Encode every clip of a clip-format dataset into a latent cache.
+
+    Args:
+        dataset_root: clip-format folder.
+        encode_fn: maps frames (t, 3, h, w) float32 in [-1, 1] to UNSCALED latents (t, 4, h/8, w/8) (issue 4's
+            autoencoder: the posterior mean or a sample); called with at most `batch_frames` frames at a time.
+        out: the .h5 file to create (replaced atomically if it exists).
+        encoder_id: identity of the encoder (`encoder_id(config, weights_digest)`).
+        scale_factor: the autoencoder's scale factor, recorded for readers.
+        size: (h, w) to resize frames to before encoding, or None for the video size.
+
+    Returns:
+        the cache path.
+
+    Raises:
+        DataError: any invalid clip (nothing is written then).
+    """
+    manifest = read_manifest(dataset_root)
+    with LatentCacheWriter(out, encoder_id, scale_factor, max_boxes, dtype, created_by,
+                           dataset=str(Path(dataset_root).resolve())) as writer:
+        for entry in manifest.clips:
+            if entry.split not in splits:
+                continue
+            frames, ann = load_clip(entry)
+            if size is not None:
+                frames = resize_frames(frames, size)
+            x = frames_to_tensor(frames)
+            z = torch.cat([encode_fn(x[i:i + batch_frames]).float().cpu() for i in range(0, len(x), batch_frames)])
+            h, w = x.shape[-2:]
+            if z.shape[0] != len(x) or z.shape[-2:] != (h // 8, w // 8):
+                raise ValueError(f"encode_fn returned {tuple(z.shape)} for frames {tuple(x.shape)}; expected "
+                                 f"({len(x)}, c, {h // 8}, {w // 8})")
+            writer.add_clip(ann.clip_id, z, pack_annotation(ann, max_boxes), night=ann.night,
+                            crowdedness=ann.crowdedness, fps=ann.fps, split=entry.split, width=w, height=h)
+    return Path(out)
+
+
+class LatentCache:
+    """Read-only view of a latent cache.
+
+    Args:
+        path: the .h5 file.
+        expected_encoder_id: when given, a cache written by another encoder is refused.
+
+    Raises:
+        DataError: missing, truncated or corrupt file; wrong format; newer format version; stale cache
+            (encoder_id mismatch); missing clip fields. Messages name the file and the field.
+    """
+
+    REQUIRED = ("latents", "boxes", "classes", "box_mask", "track_ids")
+
+    def __init__(self, path: str | Path, expected_encoder_id: str | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: latent cache: file not found")
+        self._file: h5py.File | None = None
+        self._pid = -1
+        f = self.file
+        attrs = dict(f.attrs)
+        if attrs.get("format") != FORMAT:
+            raise DataError(f"{self.path}: format: expected {FORMAT!r}, got {attrs.get('format')!r}")
+        version = int(attrs.get("format_version", -1))
+        if not 1 <= version <= FORMAT_VERSION:
+            raise DataError(f"{self.path}: format_version: {version} is not supported (this drivesim reads "
+                            f"1..{FORMAT_VERSION})")
+        self.encoder_id = str(attrs.get("encoder_id", ""))
+        if expected_encoder_id is not None and self.encoder_id != expected_encoder_id:
+            raise DataError(f"{self.path}: encoder_id: cache was written by encoder {self.encoder_id[:16]}..., "
+                            f"expected {expected_encoder_id[:16]}... (stale cache: the autoencoder changed; "
+                            f"rebuild it)")
+        self.scale_factor = float(attrs.get("scale_factor", 1.0))
+        self.max_boxes = int(attrs.get("max_boxes", 0))
+        self.created_by = str(attrs.get("created_by", ""))
+        self.meta: dict[str, dict[str, Any]] = {}
+        try:
+            clips = f["clips"]
+            for cid in clips:
+                g = clips[cid]
+                for name in self.REQUIRED:
+                    if name not in g:
+                        raise DataError(f"{self.path}: clips/{cid}/{name}: missing")
+                self.meta[cid] = {**{k: (v.item() if hasattr(v, "item") else v) for k, v in g.attrs.items()},
+                                  "num_frames": g["latents"].shape[0], "latent_shape": g["latents"].shape[1:]}
+        except DataError:
+            raise
+        except (KeyError, OSError, RuntimeError) as e:
+            raise DataError(f"{self.path}: clips: cannot read ({type(e).__name__}: {e})") from None
+
+    @property
+    def file(self) -> h5py.File:
+        # h5py handles must not cross a fork: DataLoader workers reopen the file in their own process.
+        if self._file is None or self._pid != os.getpid():
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as e:
+                raise DataError(f"{self.path}: hdf5: cannot open (truncated or corrupt file? {e})") from None
+            self._pid = os.getpid()
+        return self._file
+
+    def clip_ids(self, split: str | None = None) -> list[str]:
+        return [c for c, m in self.meta.items() if split is None or m.get("split") == split]
+
+    def read_clip(self, clip_id: str) -> dict[str, np.ndarray]:
+        """Arrays of one clip: latents (T, c, h, w) float32 unscaled, boxes, classes, box_mask, track_ids."""
+        try:
+            g = self.file["clips"][clip_id]
+            out = {name: g[name][()] for name in self.REQUIRED}
+        except (KeyError, OSError, RuntimeError) as e:
+            raise DataError(f"{self.path}: clips/{clip_id}: cannot read ({type(e).__name__}: {e})") from None
+        out["latents"] = out["latents"].astype(np.float32)
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, -1
+        return state
+
+
+class LatentClipDataset(Dataset):
+    """Windows of cached latents, the latent twin of `ClipDataset` (same windows, same keys).
+
+    Args:
+        cache: a `LatentCache` or a path to one.
+        split: "train" or "val".
+        num_frames, frame_stride: window definition, as in `ClipDataset`.
+        scaled: multiply latents by the cache's scale_factor (what diffusion models train on).
+        cache_clips: clips kept in memory (LRU); None keeps all.
+
+    Items: "latents" (t, 4, h, w) float32; "boxes", "classes", "box_mask", "track_ids", "night", "crowdedness",
+    "clip_id", "start" as in `ClipDataset`.
+    """
+
+    def __init__(self, cache: LatentCache | str | Path, split: str = "train", num_frames: int = 8,
+                 frame_stride: int = 1, scaled: bool = True, cache_clips: int | None = None):
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        self.clip_ids = self.cache.clip_ids(split)
+        if not self.clip_ids:
+            raise DataError(f"{self.cache.path}: clips: no clips in split {split!r}")
+        self.num_frames, self.frame_stride, self.scaled = num_frames, frame_stride, scaled
+        self.windows = enumerate_windows([self.cache.meta[c]["num_frames"] for c in self.clip_ids], num_frames,
+                                         frame_stride)
+        if not self.windows:
+            raise DataError(f"{self.cache.path}: clips: no clip in split {split!r} has "
+                            f"{(num_frames - 1) * frame_stride + 1} frames")
+        self.cache_clips = cache_clips
+        self._lru: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _clip(self, i: int) -> dict[str, np.ndarray]:
+        if i in self._lru:
+            self._lru.move_to_end(i)
+            return self._lru[i]
+        arrays = self.cache.read_clip(self.clip_ids[i])
+        if self.scaled:
+            arrays["latents"] *= self.cache.scale_factor
+        self._lru[i] = arrays
+        if self.cache_clips is not None:
+            while len(self._lru) > self.cache_clips:
+                self._lru.popitem(last=False)
+        return arrays
+
+    def __getitem__(self, index: int) -> dict:
+        clip, start = self.windows[index]
+        a, meta = self._clip(clip), self.cache.meta[self.clip_ids[clip]]
+        idx = start + self.frame_stride * np.arange(self.num_frames)
+        return {
+            "latents": torch.from_numpy(a["latents"][idx]),
+            "boxes": torch.from_numpy(a["boxes"][idx]),
+            "classes": torch.from_numpy(a["classes"][idx]),
+            "box_mask": torch.from_numpy(a["box_mask"][idx]),
+            "track_ids": torch.from_numpy(a["track_ids"][idx]),
+            "night": torch.tensor(int(meta["night"]), dtype=torch.int64),
+            "crowdedness": torch.tensor(int(meta["crowdedness"]), dtype=torch.int64),
+            "clip_id": self.clip_ids[clip],
+            "start": start,
+        }
