@@ -57,7 +57,10 @@ class AutoencoderConfig:
     # video decoder (SPEC step 4): temporal 3D-conv blocks with alpha mixing in the decoder only
     video_decoder: bool = False
     temporal_merge: str = "learned"
-    temporal_alpha_init: float = 1.0
+    # learned alpha must start inside (0, 1); temporal blocks are zero-initialised, so any alpha starts as the
+    # image decoder (see drivesim.nn.temporal.AlphaBlender); 0.5 gives both paths full gradient
+    temporal_alpha_init: float = 0.5
+    video_train_spatial: bool = False  # also fine-tune the decoder's spatial layers (encoder always frozen)
     decode_chunk_frames: int = 8
     decode_chunk_overlap: int = 2
 
