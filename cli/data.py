@@ -96,3 +96,27 @@ def validate(
     console.print(f"{path}: {report.clips_checked} clip(s) checked, {status}, {len(report.notes)} note(s)")
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+@app.command("from-nuscenes")
+def from_nuscenes(
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes root (holds VERSION/*.json, samples/, sweeps/)."),
+    version: str = typer.Option("v1.0-mini", "--version", help="Release folder name, e.g. v1.0-trainval."),
+    out: Path = typer.Option(..., "--out", help="Output dataset folder (must not exist or be empty)."),
+    camera: str = typer.Option("CAM_FRONT", "--camera", help="Camera channel."),
+    frames: int = typer.Option(8, "--frames", help="Frames per clip."),
+    fps: float = typer.Option(2.0, "--fps", help="Output frame rate (key frames are 2 Hz; use --sweeps above)."),
+    size: str = typer.Option("128x256", "--size", help="Output HEIGHTxWIDTH (resize to cover + centre crop)."),
+    sweeps: bool = typer.Option(False, "--sweeps", help="Also use the non-key-frame images (~12 Hz)."),
+    max_clips: int | None = typer.Option(None, "--max-clips", help="Stop after this many clips."),
+) -> None:
+    """Export nuScenes camera clips with projected 2D boxes to the drivesim clip format."""
+    import shlex
+    import sys
+
+    from drivesim.datasets.nuscenes import export_clips
+
+    manifest = export_clips(out, dataroot, version, camera, frames, fps, _parse_size(size), sweeps, max_clips,
+                            command=shlex.join(["drivesim", *sys.argv[1:]]))
+    typer.echo(f"{out}: wrote {len(manifest.clips)} clips ({len(manifest.split('train'))} train, "
+               f"{len(manifest.split('val'))} val)")
