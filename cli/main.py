@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="drivesim", standalone_mode=False)
+        # standalone_mode=False makes click *return* the code of `raise typer.Exit(code)` instead of exiting
+        rc = app(args=args, prog_name="drivesim", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

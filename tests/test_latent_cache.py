@@ -7,8 +7,9 @@ import torch
 from drivesim.datasets.clips import load_clip, read_manifest, write_synthetic_dataset
 from drivesim.datasets.latent_cache import LatentCache, LatentCacheWriter, LatentClipDataset, encoder_id, write_cache
 from drivesim.datasets.torch_data import ClipDataset
-from drivesim.errors import DataError
 from einops import rearrange
+
+from drivesim.errors import DataError
 
 MIX = torch.tensor([[0.5, 0.2, 0.1], [-0.3, 0.4, 0.2], [0.1, -0.1, 0.6], [0.25, 0.25, 0.25]])
 

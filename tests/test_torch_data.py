@@ -6,6 +6,7 @@ import torch
 from drivesim.datasets import torch_data
 from drivesim.datasets.clips import load_clip, read_manifest, write_synthetic_dataset
 from drivesim.datasets.torch_data import ClipDataset, FrameDataset, enumerate_windows
+
 from drivesim.errors import DataError
 from drivesim.types import Conditioning
 

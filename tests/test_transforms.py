@@ -2,8 +2,16 @@
 
 import numpy as np
 import torch
-from drivesim.datasets.transforms import (RandomHFlip, cover_crop_boxes, cover_crop_image, frames_to_tensor, hflip,
-                                          resize_boxes_px, resize_frames, tensor_to_frames)
+from drivesim.datasets.transforms import (
+    RandomHFlip,
+    cover_crop_boxes,
+    cover_crop_image,
+    frames_to_tensor,
+    hflip,
+    resize_boxes_px,
+    resize_frames,
+    tensor_to_frames,
+)
 
 
 def _frame_with_box(h, w, box):
