@@ -15,9 +15,12 @@ Each model's config block is owned by the module that implements the model; the 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from drivesim.errors import ConfigError
@@ -183,7 +186,8 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 10
     num_workers: int = 0
-    tracker: str | None = "tensorboard"
+    tracker: str | None = "tensorboard"  # tensorboard | None (logs under out_dir/logs)
+    keep_checkpoints: int = 3  # newest complete training checkpoints kept; 0 keeps all
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,6 +349,9 @@ def from_dict(cls: type[T], data: Any, source: str = "config", _path: str = "") 
         raise ConfigError(f"{source}: {where}: {e}") from None
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -379,6 +386,8 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             raise ConfigError(f"{source}: {path}: expected a mapping, got {value!r}")
         return {k: _convert(args[1], v, source, _join(path, str(k))) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {path}: expected a number, got {value!r}")
         return float(value)
@@ -391,3 +400,62 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             raise ConfigError(f"{source}: {path}: expected {tp.__name__}, got {value!r}")
         return value
     return value
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> Path:
+    """Write dataclass `cfg` (e.g. a `Preset` or `TrainConfig`) as YAML to `path`, atomically (temp + rename)."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+    os.replace(tmp, path)
+    return path
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a YAML dump of dataclass `cls` strictly (unknown keys and wrong types rejected by name).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown key, wrong type (message names the file and the field).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "parse error"
+        raise ConfigError(f"{path}: invalid YAML ({where}: {getattr(e, 'problem', e)})") from None
+    return from_dict(cls, data, source=str(path))
+
+
+def override(cfg: T, key: str, raw: str, source: str = "--set") -> T:
+    """A copy of dataclass `cfg` with the dotted field `key` set to `raw` parsed as a YAML scalar/list.
+
+    Example: `override(preset, "train.prediction.lr", "2e-4")`, `override(preset, "resolution", "[64, 128]")`.
+
+    Raises:
+        ConfigError: unknown key (named), or a value of the wrong type.
+    """
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{source}: {key}: cannot parse value {raw!r}") from None
+    data = to_dict(cfg)
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])}: unknown key for {type(cfg).__name__}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+    return from_dict(type(cfg), data, source=source)

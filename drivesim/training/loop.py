@@ -1,0 +1,421 @@
+"""The one training loop every drivesim model trains through (accelerate; 1 CPU to multi-node GPU).
+
+The model supplies `loss(batch) -> (loss, logs)` and optionally `param_groups(train_cfg)`; the loop owns
+optimisation (AdamW, warmup + constant/cosine lr, gradient accumulation, clipping, mixed precision), EMA,
+checkpoints (exact resume), the time budget, non-finite-loss handling, the progress bar and trackers.
+
+Launch: `python ...` / `drivesim train ...` (one process) or `accelerate launch [--num_processes N] ...` /
+`torchrun ...` (DDP; gloo on CPU, NCCL on GPU; FSDP through `accelerate config`). `cfg.batch_size` is per process
+and per micro-batch: one optimizer step sees `batch_size * num_processes * grad_accum_steps` samples.
+
+The learning-rate scheduler is stepped once per real optimizer update (not through `accelerator.prepare`, which
+would step it once per process), so the schedule does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from drivesim.configs import TrainConfig, to_dict
+from drivesim.errors import ConfigError, DrivesimError
+from drivesim.training import checkpoint as ckpt
+from drivesim.training.data import DataStream
+from drivesim.training.ema import EMA
+
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+class NonFiniteLossError(DrivesimError):
+    """Training stopped after `max_bad_steps` consecutive steps with a NaN/inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    """What one call of `train` did.
+
+    Attributes:
+        step: optimizer steps completed (including skipped bad steps), as stored in the last checkpoint.
+        start_step: the step this call resumed from (0 for a fresh run).
+        stop_reason: "max_steps" or "max_minutes".
+        last_checkpoint: the newest complete checkpoint folder.
+        export_dir / ema_export_dir: inference checkpoints (`drivesim.load`) with the live / EMA weights.
+        bad_steps: steps skipped for a non-finite loss or gradient during this call.
+        elapsed_s: wall-clock seconds of this call's training steps; steps_per_s over the same span.
+        final_loss: mean loss of the last step (None if no step ran).
+    """
+
+    step: int
+    start_step: int
+    stop_reason: str
+    last_checkpoint: Path | None
+    export_dir: Path | None
+    ema_export_dir: Path | None
+    bad_steps: int
+    elapsed_s: float
+    steps_per_s: float
+    final_loss: float | None
+
+
+class _LossModule(nn.Module):
+    """Routes `model.loss(batch)` through `forward`, so DDP's gradient hooks and accelerate's autocast apply."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.loss(batch)
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Raises ConfigError naming the first invalid `train.<field>`."""
+    checks = [
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0"),
+        ("batch_size", cfg.batch_size >= 1, "must be >= 1"),
+        ("grad_accum_steps", cfg.grad_accum_steps >= 1, "must be >= 1"),
+        ("lr", cfg.lr > 0, "must be > 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
+        ("lr_schedule", cfg.lr_schedule in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+        ("mixed_precision", cfg.mixed_precision in MIXED_PRECISION, f"must be one of {', '.join(MIXED_PRECISION)}"),
+        ("ema_decay", 0.0 <= cfg.ema_decay < 1.0, "must be in [0, 1)"),
+        ("checkpoint_every", cfg.checkpoint_every >= 1, "must be >= 1"),
+        ("log_every", cfg.log_every >= 1, "must be >= 1"),
+        ("max_bad_steps", cfg.max_bad_steps >= 1, "must be >= 1"),
+        ("max_minutes", cfg.max_minutes is None or cfg.max_minutes > 0, "must be > 0 or null"),
+        ("tracker", cfg.tracker in (None, "tensorboard"), "must be 'tensorboard' or null"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"train.{name}: {getattr(cfg, name)!r} {why}")
+
+
+def build_param_groups(model: nn.Module, cfg: TrainConfig) -> tuple[list[dict], list[list[str]]]:
+    """Optimizer parameter groups without frozen parameters, and the parameter names of each group.
+
+    `model.param_groups(cfg)` (optional) returns dicts with "params" plus per-group options (lr, weight_decay);
+    frozen parameters in them are dropped. Every trainable parameter must be in exactly one group.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": trainable}]
+    seen: set[int] = set()
+    out, out_names = [], []
+    for g in groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"param_groups: {names.get(id(p))} is in two groups")
+            seen.add(id(p))
+        if params:
+            out.append({**g, "params": params})
+            out_names.append([names[id(p)] for p in params])
+    left = [names[id(p)] for p in trainable if id(p) not in seen]
+    if left:
+        raise ValueError(f"param_groups: trainable parameter {left[0]} is in no group ({len(left)} missing)")
+    return out, out_names
+
+
+def _count(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    # tensorboard hparams accept scalars and strings only
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
+
+
+def _make_accelerator(cfg: TrainConfig, out_dir: Path, find_unused: bool):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    # accelerate keeps process-wide singletons; a second train() in one process (tests, notebooks) with another
+    # precision or accumulation would otherwise be refused. The process group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with="tensorboard" if cfg.tracker else None,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
+
+
+def train(
+    model: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    collate_fn: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+    export: bool = True,
+) -> TrainResult:
+    """Train `model` on `dataset` for `cfg.max_steps` optimizer steps (or `cfg.max_minutes`), checkpointing to
+    `out_dir/checkpoints/step_XXXXXX/` and exporting `out_dir/model` (+ `out_dir/model-ema`) at the end.
+
+    Args:
+        model: a registered drivesim model (`drivesim.registry.register_model`) with `.config` and
+            `loss(batch) -> (scalar loss tensor, dict[str, float])`; optional `param_groups(cfg)` and
+            `find_unused_parameters = True` (DDP, for models with conditionally unused parameters).
+            Weights are whatever the caller initialised (seed before building for reproducible runs).
+        dataset: map-style dataset; batches are `collate_fn(list of samples)` (torch default collate if None),
+            moved to the device with `accelerate.utils.send_to_device`.
+        cfg: the training config (per-process batch size, see module docstring).
+        out_dir: run folder (checkpoints/, logs/, model/, model-ema/).
+        resume: continue from the latest complete checkpoint under `out_dir/checkpoints` if there is one.
+        progress: show the rich progress bar (main process only).
+        export: write the inference checkpoints at the end.
+
+    Returns:
+        TrainResult.
+
+    Raises:
+        ConfigError: invalid training config.
+        CheckpointError: the checkpoint to resume from is unreadable or belongs to another model/config.
+        DataError: the dataset is smaller than one global batch.
+        NonFiniteLossError: `cfg.max_bad_steps` consecutive steps had a non-finite loss or gradient; the last
+            good checkpoint is left as the latest.
+    """
+    from accelerate.utils import send_to_device
+    from diffusers.optimization import get_scheduler
+
+    validate_train_config(cfg)
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / ckpt.CHECKPOINTS_DIR
+    ckpt.model_class_name(model)  # fail before any work if the model is not registered
+    accelerator = _make_accelerator(cfg, out_dir, bool(getattr(model, "find_unused_parameters", False)))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    console = _console() if is_main else None
+
+    # per-process RNG streams (dropout, diffusion noise); data order has its own seeded stream
+    _seed_all(cfg.seed + rank)
+
+    groups, group_names = build_param_groups(model, cfg)
+    trainable = [p for g in groups for p in g["params"]]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=max(cfg.max_steps, 1))
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    state = {"step": 0, "epoch": 0, "position": 0, "bad_steps_total": 0}
+    rng_to_restore = None
+    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    wrapper = _LossModule(model)
+    wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    if latest is not None:
+        loaded, has_rng = ckpt.load_training_checkpoint(
+            latest, model=model, optimizer=optimizer, group_names=group_names, scheduler=scheduler, ema=ema,
+            rank=rank)
+        rng_to_restore = loaded.pop("_rng", None)
+        state.update({k: loaded[k] for k in state})
+        if ema is not None:
+            ema.num_updates = int(loaded.get("ema_updates", 0))
+        if accelerator.scaler is not None and loaded.get("scaler"):
+            accelerator.scaler.load_state_dict(loaded["scaler"])
+        if not has_rng and console:
+            console.print(f"[yellow]{latest}: no RNG state for rank {rank}; process count changed, RNG reseeded")
+    start_step = int(state["step"])
+
+    if console:
+        console.print(
+            f"[bold]{ckpt.model_class_name(model)}[/bold]: trainable {_fmt_count(_count(trainable))} params "
+            f"({len(trainable)} tensors), frozen {_fmt_count(_count(frozen))} params ({len(frozen)} tensors); "
+            f"{world} process(es) on {accelerator.device}, mixed precision {cfg.mixed_precision}, global batch "
+            f"{cfg.batch_size * world * cfg.grad_accum_steps}"
+            + (f"; resuming from {latest} (step {start_step})" if latest is not None else ""),
+            highlight=False)
+
+    stream = DataStream(dataset, cfg.batch_size, cfg.seed, rank, world, collate_fn=collate_fn,
+                        num_workers=cfg.num_workers, epoch=int(state["epoch"]), position=int(state["position"]),
+                        pin_memory=accelerator.device.type == "cuda")
+    if cfg.tracker:
+        accelerator.init_trackers("drivesim", config=_flat_config(cfg))
+
+    def save(step: int) -> Path:
+        unwrapped = accelerator.unwrap_model(wrapper).model
+        return ckpt.save_training_checkpoint(
+            ckpt_root, step, model=unwrapped, model_state=accelerator.get_state_dict(unwrapped),
+            ema_state=ema.ema_state_dict(unwrapped) if ema is not None else None, optimizer=optimizer,
+            group_names=group_names, scheduler=scheduler, train_config=cfg,
+            trainer_state={"step": step, **stream.state(), "bad_steps_total": int(state["bad_steps_total"]),
+                           "ema_updates": ema.num_updates if ema is not None else 0, "num_processes": world,
+                           "scaler": _scaler_state(accelerator)},
+            rank=rank, is_main=is_main, barrier=accelerator.wait_for_everyone, keep=cfg.keep_checkpoints)
+
+    # restored last: nothing between here and the first step may draw from these generators
+    if rng_to_restore is not None:
+        ckpt.restore_rng(*rng_to_restore)
+
+    step, consecutive_bad, bad_this_call = start_step, 0, 0
+    last_saved = latest if latest is not None else None
+    last_saved_step = start_step if latest is not None else -1
+    stop_reason, final_loss = "max_steps", None
+    t0 = time.monotonic()
+    bar = _Progress(console, start_step, cfg.max_steps) if (progress and console) else None
+    wrapper.train()
+    try:
+        while step < cfg.max_steps:
+            loss_sum, logs_sum, bad = 0.0, {}, False
+            for _ in range(cfg.grad_accum_steps):
+                batch = send_to_device(stream.next(), accelerator.device)
+                with accelerator.accumulate(wrapper):
+                    if bad:
+                        continue  # a skipped step still consumes its data, so the order stays fixed
+                    loss, logs = wrapper(batch)
+                    finite = torch.isfinite(loss.detach()).to(torch.float32)
+                    if world > 1:
+                        finite = accelerator.reduce(finite, "sum") / world
+                    if finite.item() < 1.0:
+                        bad = True  # every process skips together, so DDP never waits on a missing backward
+                        continue
+                    accelerator.backward(loss)
+                    loss_sum += loss.detach().item() / cfg.grad_accum_steps
+                    for k, v in logs.items():
+                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+            grad_norm = None
+            if not bad:
+                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if grad_norm is not None and not math.isfinite(float(grad_norm)) and accelerator.scaler is None:
+                    bad = True
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_bad += 1
+                bad_this_call += 1
+                state["bad_steps_total"] += 1
+                if consecutive_bad >= cfg.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{out_dir}: loss: non-finite (NaN/inf) loss or gradient for {consecutive_bad} consecutive "
+                        f"steps ({step - consecutive_bad + 2}..{step + 1}); stopped, latest good checkpoint: "
+                        f"{last_saved or 'none'}")
+            else:
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                    if ema is not None:
+                        ema.update(accelerator.unwrap_model(wrapper).model)
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_bad = 0
+                final_loss = loss_sum
+            step += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logs = {"loss": loss_sum, **logs_sum, "lr": scheduler.get_last_lr()[0],
+                        "bad_steps": float(state["bad_steps_total"])}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                if world > 1:
+                    logs["loss"] = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device),
+                                                      "mean").item()
+                if cfg.tracker:
+                    accelerator.log(logs, step=step)
+            elapsed = time.monotonic() - t0
+            if bar is not None:
+                bar.update(step, None if bad else loss_sum, (step - start_step) / max(elapsed, 1e-9))
+
+            out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
+            if world > 1:  # processes must agree, or one would wait forever in the next collective
+                out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device),
+                                                 "sum").item() > 0
+            # a checkpoint is only written after a good step, so a diverging run never overwrites a good one
+            if consecutive_bad == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time):
+                last_saved, last_saved_step = save(step), step
+            if out_of_time and step < cfg.max_steps:
+                stop_reason = "max_minutes"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if cfg.tracker:
+            accelerator.end_training()
+    elapsed = time.monotonic() - t0
+    if last_saved_step != step and consecutive_bad == 0:
+        last_saved = save(step)
+
+    export_dir = ema_export_dir = None
+    if export:
+        unwrapped = accelerator.unwrap_model(wrapper).model
+        full = accelerator.get_state_dict(unwrapped)
+        if is_main:
+            export_dir = ckpt.save_model(unwrapped, out_dir / "model", state_dict=full)
+            if ema is not None:
+                ema_export_dir = ckpt.save_model(unwrapped, out_dir / "model-ema",
+                                                 state_dict=ema.ema_state_dict(unwrapped))
+        accelerator.wait_for_everyone()
+    if console:
+        console.print(f"done: step {step} ({stop_reason}), {step - start_step} steps in {elapsed:.1f} s, "
+                      f"{bad_this_call} skipped; checkpoint {last_saved}", highlight=False)
+    return TrainResult(step=step, start_step=start_step, stop_reason=stop_reason, last_checkpoint=last_saved,
+                       export_dir=export_dir, ema_export_dir=ema_export_dir, bad_steps=bad_this_call,
+                       elapsed_s=elapsed, steps_per_s=(step - start_step) / max(elapsed, 1e-9),
+                       final_loss=final_loss)
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _scaler_state(accelerator) -> dict | None:
+    if accelerator.scaler is None:
+        return None
+    return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in accelerator.scaler.state_dict().items()}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+class _Progress:
+    """Rich progress bar: step, loss, steps/s, ETA (main process only)."""
+
+    def __init__(self, console, start: int, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
+            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", rate="-")
+        self.progress.start()
+
+    def update(self, step: int, loss: float | None, rate: float) -> None:
+        fields = {"rate": f"{rate:.2f}"}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        self.progress.update(self.task, completed=step, **fields)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_param_groups", "validate_train_config"]
