@@ -1,0 +1,75 @@
+"""Box tokens and gated self-attention (bbox_conditioning leaf package)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from drivesim.bbox_conditioning.gated_attention import GatedSelfAttention
+from drivesim.bbox_conditioning.tokens import BoxTokenizer, fourier_features
+
+
+def test_fourier_features_closed_form():
+    xyxy = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
+    f = fourier_features(xyxy, 3)
+    assert f.shape == (1, 4 + 8 * 3)
+    torch.testing.assert_close(f[0, :4], xyxy[0])
+    # layout: [raw xyxy, then per coordinate: sin at every frequency, cos at every frequency], freqs pi * 2^k
+    per_coord = f[0, 4:].view(4, 2, 3)
+    sin, cos = per_coord[:, 0], per_coord[:, 1]
+    for c in range(4):
+        for k in range(3):
+            angle = math.pi * 2**k * xyxy[0, c].item()
+            assert abs(sin[c, k].item() - math.sin(angle)) < 1e-5
+            assert abs(cos[c, k].item() - math.cos(angle)) < 1e-5
+
+
+def _tokenizer(max_boxes=6):
+    torch.manual_seed(0)
+    return BoxTokenizer(num_classes=11, token_dim=16, fourier_freqs=4, max_boxes=max_boxes)
+
+
+def test_tokens_null_padding_and_shape():
+    tok = _tokenizer()
+    boxes = torch.rand(2, 3, 4, 4)
+    classes = torch.randint(0, 11, (2, 3, 4))
+    mask = torch.ones(2, 3, 4, dtype=torch.bool)
+    mask[0, 1, 2:] = False
+    out = tok(boxes, classes, mask)
+    assert out.shape == (6, 6, 16)
+    # frame (b=0, t=1) is row 1 of the (b t) axis; its slots 2.. and the two padding slots are the null token
+    for slot in range(2, 6):
+        torch.testing.assert_close(out[1, slot], tok.null_token.detach())
+    assert not torch.allclose(out[1, 0], tok.null_token)
+
+
+def test_invalid_slot_contents_are_ignored():
+    tok = _tokenizer()
+    boxes = torch.rand(1, 1, 3, 4)
+    classes = torch.tensor([[[0, 1, 2]]])
+    mask = torch.tensor([[[True, True, False]]])
+    a = tok(boxes, classes, mask)
+    garbage = boxes.clone()
+    garbage[0, 0, 2] = float("nan")
+    b = tok(garbage, torch.tensor([[[0, 1, -7]]]), mask)
+    assert torch.equal(a, b)
+    # an absent box (n = 2) gives the same token set as a padded third slot
+    c = tok(boxes[:, :, :2], classes[:, :, :2], mask[:, :, :2])
+    assert torch.equal(a, c)
+
+
+def test_gated_attention_gate_zero_is_identity_and_permutation_invariant():
+    torch.manual_seed(0)
+    attn = GatedSelfAttention(dim=32, context_dim=16, num_heads=2)
+    x = torch.randn(3, 10, 32)
+    tokens = torch.randn(3, 5, 16)
+    assert torch.equal(attn(x, tokens), x)
+    with torch.no_grad():
+        attn.gate_attn.fill_(1.0)
+        attn.gate_ff.fill_(0.5)
+    y = attn(x, tokens)
+    assert not torch.allclose(y, x)
+    y2 = attn(x, tokens + 1.0)
+    assert not torch.allclose(y, y2)  # the box tokens matter once the gate opens
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    torch.testing.assert_close(attn(x, tokens[:, perm]), y, atol=1e-5, rtol=1e-5)
