@@ -112,11 +112,13 @@ def from_nuscenes(
 ) -> None:
     """Export nuScenes camera clips with projected 2D boxes to the drivesim clip format."""
     import shlex
-    import sys
 
     from drivesim.datasets.nuscenes import export_clips
 
+    command = ["drivesim", "data", "from-nuscenes", "--dataroot", str(dataroot), "--version", version, "--out",
+               str(out), "--camera", camera, "--frames", str(frames), "--fps", str(fps), "--size", size]
+    command += ["--sweeps"] * sweeps + (["--max-clips", str(max_clips)] if max_clips is not None else [])
     manifest = export_clips(out, dataroot, version, camera, frames, fps, _parse_size(size), sweeps, max_clips,
-                            command=shlex.join(["drivesim", *sys.argv[1:]]))
+                            command=shlex.join(command))
     typer.echo(f"{out}: wrote {len(manifest.clips)} clips ({len(manifest.split('train'))} train, "
                f"{len(manifest.split('val'))} val)")
