@@ -1,0 +1,330 @@
+"""KL-f8 autoencoder and video decoder: shapes, KL, scale factor, bad input, alpha = 1 exactness, chunked decoding,
+one-step GAN correctness, checkpoint round trip. Tiny configs only (seconds)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import drivesim
+from drivesim.autoencoder import (
+    AutoencoderKL,
+    DiagonalGaussian,
+    VideoAutoencoder,
+    chunk_windows,
+    compute_scale_factor,
+)
+from drivesim.configs import AutoencoderConfig, TrainConfig, get_preset
+from drivesim.discriminators import NLayerDiscriminator, VideoDiscriminator3D, hinge_d_loss
+from drivesim.errors import CheckpointError, ConfigError, DataError
+from drivesim.nn.temporal import force_alpha_one
+
+H, W = 32, 64
+
+
+def _cfg(**kw) -> AutoencoderConfig:
+    return dataclasses.replace(get_preset("tiny").autoencoder, **kw)
+
+
+def _frames(b=2, t=3, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, t, 3, H, W, generator=g) * 2 - 1
+
+
+def _randomize_temporal(model: torch.nn.Module, seed: int = 0) -> None:
+    """Make the temporal layers non-trivial (as after training) so alpha = 1 has something to switch off."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "temporal" in n and "mix_factor" not in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def ae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(_cfg()).eval()
+
+
+def test_shapes_and_posterior(ae):
+    x = _frames()
+    post = ae.encode(x)
+    assert post.mean.shape == (2, 3, 4, H // 8, W // 8) and post.logvar.shape == post.mean.shape
+    assert post.kl().shape == (2, 3)
+    assert ae.decode(post.mode()).shape == x.shape
+    assert ae(x).shape == x.shape
+    torch.manual_seed(1)
+    s1 = post.sample()
+    torch.manual_seed(1)
+    assert torch.equal(s1, post.sample()) and not torch.equal(s1, post.mode())
+
+
+def test_kl_matches_torch_distributions():
+    mean, logvar = torch.randn(2, 3, 4, 4, 8), torch.randn(2, 3, 4, 4, 8)
+    post = DiagonalGaussian(mean, logvar)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, torch.exp(0.5 * logvar)), torch.distributions.Normal(0.0, 1.0)
+    ).sum(dim=(-3, -2, -1))
+    torch.testing.assert_close(post.kl(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_scale_factor_from_data_and_scaled_round_trip():
+    torch.manual_seed(0)
+    model = AutoencoderKL(_cfg()).eval()
+    batches = [_frames(seed=s) for s in range(3)]
+    s = compute_scale_factor(model, batches, sample=False)
+    means = torch.cat([model.encode(b).mode().flatten() for b in batches])
+    assert s == pytest.approx(1.0 / means.double().std().item(), rel=1e-6)
+    old = model.config
+    model.set_scale_factor(s)
+    assert model.config.scale_factor == s and old.scale_factor == 1.0  # a new frozen config, old one untouched
+    scaled = torch.cat([model.encode_scaled(b, sample=False).flatten() for b in batches])
+    assert scaled.std().item() == pytest.approx(1.0, rel=1e-4)
+    z = model.encode_scaled(batches[0], sample=False)
+    torch.testing.assert_close(model.decode_scaled(z), model.decode(model.encode(batches[0]).mode()))
+    with pytest.raises(ConfigError):
+        model.set_scale_factor(0.0)
+    with pytest.raises(DataError):
+        compute_scale_factor(model, [])
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        (torch.zeros(1, 2, 3, 32, 60), "multiple of 8"),
+        (torch.zeros(1, 2, 4, 32, 64), "channels"),
+        (torch.zeros(2, 3, 32, 64), "expected"),
+        (torch.full((1, 2, 3, 32, 64), 1.5), "outside"),
+        (torch.full((1, 2, 3, 32, 64), -1.01), "outside"),
+        (torch.full((1, 2, 3, 32, 64), float("nan")), "NaN"),
+        (torch.zeros(1, 2, 3, 32, 64, dtype=torch.uint8), "float"),
+    ],
+)
+def test_bad_frames_raise(ae, frames, match):
+    with pytest.raises(DataError, match=match):
+        ae.encode(frames)
+    with pytest.raises(DataError, match=match):
+        ae.loss({"frames": frames})
+
+
+def test_bad_latents_and_configs(ae):
+    with pytest.raises(DataError, match="latents"):
+        ae.decode(torch.zeros(1, 2, 3, 4, 8))
+    with pytest.raises(ConfigError, match="channel_mult"):
+        AutoencoderKL(_cfg(channel_mult=(1, 2)))
+    with pytest.raises(ConfigError, match="video_decoder"):
+        AutoencoderKL(_cfg(video_decoder=True))
+    with pytest.raises(ConfigError, match="rec_loss"):
+        AutoencoderKL(_cfg(rec_loss="l3"))
+
+
+def test_video_decoder_latent_channels_must_match_encoder(ae, tmp_path):
+    with pytest.raises(CheckpointError, match="latent_channels"):
+        ae.to_video(latent_channels=8)
+    other = VideoAutoencoder(_cfg(video_decoder=True, latent_channels=8))
+    with pytest.raises(CheckpointError, match="latent_channels"):
+        other.attach_to(ae)
+    video = ae.to_video()
+    assert video.attach_to(ae) is video
+    torch.manual_seed(5)
+    stranger = AutoencoderKL(_cfg()).to_video()
+    with pytest.raises(CheckpointError, match="encoder"):
+        stranger.attach_to(ae)
+
+
+def test_video_decoder_with_alpha_one_is_image_decoder_bitwise(ae):
+    video = ae.to_video()
+    _randomize_temporal(video)
+    z = ae.encode(_frames(t=5)).mode()
+    image = ae.decode(z, num_frames=5)
+    assert not torch.equal(video.decode(z, num_frames=5), image)  # trained temporal layers do change the output
+    with force_alpha_one(video):
+        assert torch.equal(video.decode(z, num_frames=5), image)
+    fixed = ae.to_video(temporal_merge="fixed", temporal_alpha_init=1.0)
+    _randomize_temporal(fixed)
+    assert torch.equal(fixed.decode(z, num_frames=5), image)
+    mixed = ae.to_video(temporal_merge="learned_with_images")
+    _randomize_temporal(mixed)
+    out = mixed.decode(z, num_frames=5, image_only=torch.tensor([True, False]))
+    assert torch.equal(out[0], image[0]) and not torch.equal(out[1], image[1])
+
+
+def test_video_autoencoder_freezes_encoder_and_spatial_decoder(ae):
+    video = ae.to_video()
+    assert not any(p.requires_grad for p in video.encoder.parameters())
+    assert not any(p.requires_grad for p in video.decoder.spatial_parameters())
+    assert all(p.requires_grad for p in video.decoder.temporal_parameters())
+    assert isinstance(video.discriminator, VideoDiscriminator3D)
+    groups = video.param_groups(TrainConfig())
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert ids == {id(p) for p in video.parameters() if p.requires_grad}
+    video.train()
+    assert not video.encoder.training
+    loss, logs = video.loss({"frames": _frames(t=4)})
+    loss.backward()
+    assert all(p.grad is None for p in video.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in video.decoder.temporal_parameters())
+    assert "kl" not in logs
+    full = ae.to_video(video_train_spatial=True)
+    assert all(p.requires_grad for p in full.decoder.spatial_parameters())
+
+
+def test_chunk_windows_cover_and_overlap():
+    assert chunk_windows(5, 8, 2) == [(0, 5)]
+    assert chunk_windows(20, 8, 2) == [(0, 8), (6, 14), (12, 20)]
+    assert chunk_windows(11, 4, 1) == [(0, 4), (3, 7), (6, 10), (7, 11)]
+    for t, c, o in [(11, 4, 1), (40, 8, 2), (9, 8, 3), (17, 5, 0)]:
+        win = chunk_windows(t, c, o)
+        covered = set()
+        for (s, e), (s2, _) in zip(win, win[1:], strict=False):
+            assert e - s == c and s2 - s <= c - o and s2 < e + (o == 0)
+        for s, e in win:
+            covered |= set(range(s, e))
+        assert covered == set(range(t))
+
+
+def test_chunked_decode_equals_unchunked_for_image_decoder(ae):
+    z = torch.randn(2, 11, 4, H // 8, W // 8)
+    full = ae.decode(z, num_frames=11)
+    for chunk in (4, 5, 8):
+        torch.testing.assert_close(ae.decode(z, num_frames=chunk), full, atol=1e-6, rtol=1e-6)
+    video = ae.to_video()
+    _randomize_temporal(video)
+    with force_alpha_one(video):
+        torch.testing.assert_close(video.decode(z, num_frames=4), full, atol=1e-6, rtol=1e-6)
+    # with temporal layers active, seams are blended: chunked output stays close to a one-shot decode
+    chunked, oneshot = video.decode(z, num_frames=8), video.decode(z, num_frames=11)
+    assert chunked.shape == oneshot.shape and torch.isfinite(chunked).all()
+
+
+def test_long_video_decodes_with_bounded_memory(ae):
+    """Memory bound by construction: no decoder call sees more than b * chunk frames, whatever t is."""
+    seen: list[int] = []
+    handle = ae.decoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    try:
+        z = torch.randn(1, 40, 4, H // 8, W // 8)
+        with torch.no_grad():
+            out = ae.decode(z)  # default chunk = config.decode_chunk_frames
+    finally:
+        handle.remove()
+    assert out.shape == (1, 40, 3, H, W)
+    assert max(seen) == ae.config.decode_chunk_frames and len(seen) == len(chunk_windows(40, 8, 2))
+
+
+def test_global_step_counts_training_calls_only():
+    model = AutoencoderKL(_cfg(disc_start=2))
+    x = _frames(b=1, t=2)
+    model.eval()
+    model.loss({"frames": x})
+    assert int(model.global_step) == 0
+    model.train()
+    _, logs0 = model.loss({"frames": x})
+    _, logs1 = model.loss({"frames": x})
+    _, logs2 = model.loss({"frames": x})
+    assert int(model.global_step) == 3
+    assert "d_loss" not in logs0 and "d_loss" not in logs1 and "d_loss" in logs2
+    assert "global_step" in model.state_dict()
+
+
+def _manual_two_player_grads(model: AutoencoderKL, x: torch.Tensor, seed: int):
+    """LDM two-optimizer recipe, computed independently: generator loss through the ORDINARY discriminator with
+    gradients taken w.r.t. generator params only; discriminator hinge loss w.r.t. discriminator params only."""
+    cfg = model.config
+    disc = list(model.discriminator.parameters())
+    disc_ids = {id(p) for p in disc}
+    gen = [p for p in model.parameters() if p.requires_grad and id(p) not in disc_ids]
+    torch.manual_seed(seed)
+    enc = model.encoder(x.flatten(0, 1))
+    mean, logvar = enc.chunk(2, dim=1)
+    logvar = logvar.clamp(-30, 20)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    rec = model.decoder(z).unflatten(0, x.shape[:2])
+    nll = (x - rec).abs().mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / (3 * H * W)
+    g_loss = -model.discriminator(rec.flatten(0, 1)).mean()
+    last = model.decoder.conv_out.weight
+    gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g_loss, last, retain_graph=True)[0].norm()
+    d_weight = (gn / (gg + 1e-4)).clamp(0, 1e4).detach() * cfg.disc_weight
+    gen_loss = nll + cfg.kl_weight * kl + d_weight * g_loss
+    gen_grads = torch.autograd.grad(gen_loss, gen)
+    d_loss = hinge_d_loss(model.discriminator(x.flatten(0, 1)), model.discriminator(rec.detach().flatten(0, 1)))
+    disc_grads = torch.autograd.grad(d_loss, disc)
+    return gen, gen_grads, disc, disc_grads
+
+
+def test_one_backward_pass_equals_two_player_gan_gradients():
+    torch.manual_seed(0)
+    model = AutoencoderKL(_cfg(disc_start=0)).train()
+    x = _frames(b=2, t=1)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(7)
+    loss, logs = model.loss({"frames": x})
+    loss.backward()
+    assert logs["d_weight"] > 0
+    gen, gen_grads, disc, disc_grads = _manual_two_player_grads(reference, x, seed=7)
+    names = {id(p): n for n, p in reference.named_parameters()}
+    live = dict(model.named_parameters())
+    for p, g in zip(gen, gen_grads, strict=True):
+        torch.testing.assert_close(live[names[id(p)]].grad, g, atol=1e-6, rtol=1e-4, msg=names[id(p)])
+    for p, g in zip(disc, disc_grads, strict=True):
+        torch.testing.assert_close(live[names[id(p)]].grad, g, atol=1e-6, rtol=1e-4, msg=names[id(p)])
+    # the discriminator's gradient is the hinge loss's alone: it would differ with the generator term leaking in
+    leak = torch.autograd.grad(-reference.discriminator(x.flatten(0, 1)).mean(), disc[-1])[0]
+    assert leak.abs().sum() > 0
+
+
+def test_param_groups_split_discriminator(ae):
+    groups = ae.param_groups(TrainConfig(lr=3e-4))
+    assert [g["name"] for g in groups] == ["autoencoder", "discriminator"]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in ae.discriminator.parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(ae.parameters()))
+    torch.optim.Adam(groups)  # the groups are valid optimizer input
+
+
+def test_discriminator_shapes():
+    assert NLayerDiscriminator(3, 8, 2)(torch.zeros(2, 3, 32, 64)).shape[:2] == (2, 1)
+    out = VideoDiscriminator3D(3, 8, 2)(torch.zeros(2, 3, 4, 32, 64))
+    assert out.shape[:3] == (2, 1, 4)
+
+
+def test_checkpoint_round_trip_through_registry(ae, tmp_path):
+    from drivesim.training.checkpoint import save_model
+
+    ae.set_scale_factor(0.5)
+    try:
+        save_model(ae, tmp_path / "ae")
+        loaded = drivesim.load(tmp_path / "ae")
+        assert type(loaded) is AutoencoderKL and loaded.config == ae.config
+        x = _frames(b=1, t=2)
+        assert torch.equal(loaded(x), ae(x))
+        video = ae.to_video()
+        _randomize_temporal(video)
+        save_model(video, tmp_path / "video")
+        v2 = drivesim.load(tmp_path / "video")
+        assert type(v2) is VideoAutoencoder
+        assert not any(p.requires_grad for p in v2.encoder.parameters())
+        z = torch.randn(1, 3, 4, H // 8, W // 8)
+        assert torch.equal(v2.decode(z), video.decode(z))
+        assert v2.attach_to(loaded) is v2
+        again = VideoAutoencoder.from_image(tmp_path / "ae")
+        assert again.config.scale_factor == 0.5
+        with pytest.raises(CheckpointError):
+            VideoAutoencoder.from_image(tmp_path / "video")
+    finally:
+        ae.set_scale_factor(1.0)
+
+
+def test_l2_reconstruction_loss():
+    model = AutoencoderKL(_cfg(rec_loss="l2", disc_start=10)).eval()
+    x = _frames(b=1, t=2)
+    torch.manual_seed(3)
+    _, logs = model.loss({"frames": x})
+    torch.manual_seed(3)
+    rec = model.decoder(model.encode(x).sample().flatten(0, 1)).unflatten(0, (1, 2))
+    assert logs["rec"] == pytest.approx(F.mse_loss(rec, x).item(), rel=1e-6)
+    assert logs["rec"] != pytest.approx((rec - x).abs().mean().item(), rel=1e-3)
