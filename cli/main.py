@@ -12,6 +12,7 @@ import click
 import typer
 from drivesim.cli import data as data_cmds
 from drivesim.cli import eval as eval_cmds
+from drivesim.cli import sample as sample_cmds
 from rich.console import Console
 
 from drivesim.errors import DrivesimError
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(eval_cmds.app, name="eval")
+app.command("sample-image")(sample_cmds.sample_image)
 
 err_console = Console(stderr=True)
 
