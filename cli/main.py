@@ -11,6 +11,7 @@ import sys
 import click
 import typer
 from drivesim.cli import data as data_cmds
+from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
 from drivesim.cli import sample as sample_cmds
 from rich.console import Console
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(eval_cmds.app, name="eval")
+app.command("encode")(encode_cmds.encode_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
 
 err_console = Console(stderr=True)

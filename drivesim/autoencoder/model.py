@@ -418,7 +418,26 @@ class AutoencoderKL(nn.Module):
             raise ConfigError(f"autoencoder.scale_factor: must be a positive finite number, got {scale_factor}")
         self.config = dataclasses.replace(self.config, scale_factor=float(scale_factor))
 
+    def encoder_fingerprint(self) -> tuple[dict[str, Any], str]:
+        """What identifies the latents this autoencoder produces: the encoder-relevant config fields and a sha256
+        of the encoder's weights (names, shapes, dtypes, bytes). A video autoencoder fine-tuned from this one
+        (frozen encoder) has the same fingerprint. Feed both to `drivesim.datasets.latent_cache.encoder_id`."""
+        import hashlib
+
+        cfg = self.config
+        fields = {k: getattr(cfg, k) for k in ("in_channels", "latent_channels", "base_channels", "channel_mult",
+                                               "num_res_blocks", "scale_factor")}
+        fields["channel_mult"] = list(fields["channel_mult"])
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.encoder.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return fields, digest.hexdigest()
+
     # ---------------------------------------------------------------------------------------------- training
+    find_unused_parameters = True  # the discriminator is unused before disc_start (DDP must allow that)
+
     def param_groups(self, train_cfg: TrainConfig) -> list[dict[str, Any]]:
         """Optimizer parameter groups: the autoencoder's trainable parameters and the discriminator's, separately.
 
