@@ -113,3 +113,13 @@ def _packed(t):
     from drivesim.bbox_conditioning.boxes import pack_boxes
 
     return pack_boxes([[]] * t, 8, 8, 16)
+
+
+def test_dataloader_workers_reopen_the_file(cached):
+    _, path = cached
+    ds = LatentClipDataset(path, "train", num_frames=2, frame_stride=1)
+    ds[0]  # the parent process holds an open handle before the workers fork
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert sum(len(b["clip_id"]) for b in batches) == len(ds) == 8
+    torch.testing.assert_close(batches[0]["latents"][1], ds[1]["latents"])
