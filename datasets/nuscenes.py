@@ -34,6 +34,7 @@ there (test scenes, custom releases) go to val when sha1(scene name) % 5 == 0, e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -118,6 +119,13 @@ def project_box(corners: np.ndarray, intrinsic: np.ndarray, near: float = NEAR_P
             points.append((corners[:, a] + t * (corners[:, b] - corners[:, a]))[:, None])
     uv = view_points(np.concatenate(points, axis=1), intrinsic, normalize=True)[:2]
     return np.array([uv[0].min(), uv[1].min(), uv[0].max(), uv[1].max()])
+
+
+@functools.cache
+def _official_splits() -> dict[str, set[str]]:
+    from nuscenes.utils.splits import create_splits_scenes
+
+    return {k: set(v) for k, v in create_splits_scenes().items()}
 
 
 def check_tables(dataroot: str | Path, version: str) -> Path:
@@ -232,9 +240,8 @@ class NuScenesClips:
         return out
 
     def scene_split(self, name: str) -> str:
-        from nuscenes.utils.splits import create_splits_scenes
-
-        splits = create_splits_scenes()
+        """"train" or "val" for a scene name (see the module docstring)."""
+        splits = _official_splits()
         if name in splits["val"] or name in splits["mini_val"]:
             return "val"
         if name in splits["train"] or name in splits["mini_train"]:
