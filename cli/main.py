@@ -10,10 +10,12 @@ import sys
 
 import click
 import typer
+from drivesim.cli import config as config_cmds
 from drivesim.cli import data as data_cmds
 from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
 from drivesim.cli import sample as sample_cmds
+from drivesim.cli import train as train_cmds
 from rich.console import Console
 
 from drivesim.errors import DrivesimError
@@ -27,6 +29,8 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(eval_cmds.app, name="eval")
+app.add_typer(config_cmds.app, name="config")
+app.command("train", epilog=train_cmds.EPILOG)(train_cmds.train_cmd)
 app.command("encode")(encode_cmds.encode_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
 

@@ -45,7 +45,7 @@ class ToyModel(nn.Module):
                                  nn.Linear(config.hidden, 1))
         self.seen: list[int] = []
         self.calls = 0
-        self.nan_from_call: int | None = None  # loss() returns NaN from this call on (tests)
+        self.nan_calls: set[int] = set()  # loss() returns NaN at these call numbers (tests)
         self.hang_at_call: int | None = None  # loss() writes hang_marker and sleeps at this call (kill tests)
         self.hang_marker: Path | None = None
 
@@ -60,7 +60,7 @@ class ToyModel(nn.Module):
         scale = 1.0 + 0.01 * (random.random() + float(np.random.rand())) if self.config.host_rng else 1.0
         pred = self.net(self.embed(x)).squeeze(-1)
         loss = ((pred - y) ** 2).mean() * scale
-        if self.nan_from_call is not None and self.calls >= self.nan_from_call:
+        if self.calls in self.nan_calls:
             loss = loss * float("nan")
         return loss, {"mse": float(loss.detach())}
 

@@ -392,7 +392,7 @@ def _scaler_state(accelerator) -> dict | None:
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(soft_wrap=True)  # no hard wraps: log lines stay greppable
 
 
 class _Progress:

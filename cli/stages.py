@@ -1,0 +1,88 @@
+"""Stage registry for `drivesim train STAGE`: each stage maps to a builder of (model, dataset, collate_fn).
+
+A builder is `build(preset: Preset, data_path: Path, **opts) -> (model, dataset, collate_fn | None)`:
+- `preset` is fully resolved (`--preset`/`--config`, then `--set`, then the flag overrides); the builder reads its
+  model block (e.g. `preset.autoencoder`) and must build the model from it so the checkpoint's config matches;
+- `data_path` is the `--data` argument (a clip-format folder or a latent cache, as the stage needs);
+- `opts` are the `--opt key=value` strings, checked against `StageSpec.options` before the call.
+The global torch RNG is seeded with the stage's `train.seed` before `build` runs, so initial weights reproduce.
+
+Model owners register their stage here with `@register_stage("name", help=..., options={...})`; a stage named in
+`STAGE_NAMES` but not registered yet fails with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from drivesim.errors import ConfigError
+
+STAGE_NAMES = ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation", "upsampler")
+"""The paper's training stages, in training order (SPEC "Order of training")."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One trainable stage.
+
+    Attributes:
+        name: stage name; also the key of the stage's `TrainConfig` in `Preset.train`.
+        build: `(preset, data_path, **opts) -> (model, dataset, collate_fn or None)`.
+        help: one line shown by `drivesim train --help`.
+        options: allowed `--opt` names -> their help (e.g. {"autoencoder": "exported autoencoder checkpoint"}).
+    """
+
+    name: str
+    build: Callable[..., tuple[Any, Any, Callable | None]]
+    help: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+
+STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(name: str, help: str = "", options: dict[str, str] | None = None) -> Callable:
+    """Decorator registering a builder function as stage `name`."""
+
+    def wrap(fn: Callable) -> Callable:
+        if name in STAGES and STAGES[name].build is not fn:
+            raise ValueError(f"stage {name!r} registered twice")
+        STAGES[name] = StageSpec(name=name, build=fn, help=help, options=dict(options or {}))
+        return fn
+
+    return wrap
+
+
+def get_stage(name: str) -> StageSpec:
+    """The registered stage `name`.
+
+    Raises:
+        ConfigError: unknown stage, or a known stage whose model is not available in this build yet.
+    """
+    if name in STAGES:
+        return STAGES[name]
+    if name in STAGE_NAMES:
+        ready = ", ".join(s for s in STAGE_NAMES if s in STAGES) or "none"
+        raise ConfigError(f"stage: {name!r} has no training builder registered yet in drivesim.cli.stages "
+                          f"(available: {ready})")
+    raise ConfigError(f"stage: unknown stage {name!r} (stages: {', '.join(STAGE_NAMES)})")
+
+
+def parse_opts(spec: StageSpec, pairs: list[str]) -> dict[str, str]:
+    """`["key=value", ...]` -> dict, checked against `spec.options`.
+
+    Raises:
+        ConfigError: a pair without '=' or an option the stage does not take (named).
+    """
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--opt: {pair!r}: expected key=value")
+        if key not in spec.options:
+            known = ", ".join(spec.options) or "none"
+            raise ConfigError(f"--opt: {key}: unknown option for stage {spec.name} (options: {known})")
+        out[key] = value
+    return out

@@ -1,0 +1,110 @@
+"""`drivesim train STAGE`: train one stage of the stack through the shared accelerate loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import typer
+from drivesim.cli.stages import STAGE_NAMES, get_stage, parse_opts
+
+from drivesim.configs import Preset, TrainConfig, dump_yaml, get_preset, load_yaml, override
+from drivesim.errors import ConfigError
+
+EPILOG = """\
+Examples, one process (CPU or one GPU):
+
+  drivesim train autoencoder --preset cpu-small --data data/sample \\
+      --out runs/ae
+
+  drivesim train image_ldm --preset tiny --data runs/latents --out runs/ldm \\
+      --max-steps 20 --set train.lr=2e-4 --set image_ldm.unet.dropout=0.1
+
+Resume is the default: the same command again continues from the newest
+complete checkpoint in OUT/checkpoints (bit-exact on CPU). --no-resume
+refuses an OUT that already holds checkpoints.
+
+Many GPUs / nodes (DDP). --batch-size is per process; one optimizer step
+sees batch_size x processes x grad_accum_steps samples:
+
+  accelerate launch --multi_gpu --num_processes 8 \\
+      -m drivesim.cli.main train image_ldm --preset paper-512x1024 ...
+
+  accelerate launch --multi_gpu --num_machines 2 --num_processes 16 \\
+      --machine_rank 0 --main_process_ip HOST --main_process_port 29500 \\
+      -m drivesim.cli.main train prediction ...   (rank 1 on node 2)
+
+  torchrun --nproc_per_node 2 -m drivesim.cli.main train ...  (CPU: gloo)
+
+FSDP / DeepSpeed: run `accelerate config`, then `accelerate launch`.
+"""
+
+
+def resolve_preset(stage: str, preset: str | None, config: Path | None, sets: list[str]) -> Preset:
+    """Preset from `--preset` or `--config`, then the `--set key=value` overrides.
+
+    `--set train.X=V` is shorthand for `train.<stage>.X=V`; other keys are dotted paths into the preset, e.g.
+    `autoencoder.kl_weight=1e-6`, `prediction.unet.dropout=0.1`.
+
+    Raises:
+        ConfigError: neither/both of --preset and --config, unknown preset, bad YAML, unknown key.
+    """
+    if (preset is None) == (config is None):
+        raise ConfigError("train: give exactly one of --preset NAME or --config FILE.yaml")
+    cfg = get_preset(preset) if preset is not None else load_yaml(Preset, config)
+    if stage not in cfg.train:
+        raise ConfigError(f"{config or 'preset ' + str(preset)}: train.{stage}: no training config for this stage")
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: {item!r}: expected key=value")
+        parts = key.split(".")
+        if parts[0] == "train" and len(parts) == 2:
+            key = f"train.{stage}.{parts[1]}"
+        cfg = override(cfg, key, raw)
+    return cfg
+
+
+def train_cmd(
+    stage: str = typer.Argument(..., help=f"Stage to train: {', '.join(STAGE_NAMES)}."),
+    preset: str = typer.Option(None, "--preset", "-p", help="Preset: tiny, cpu-small, paper-512x1024."),
+    data: Path = typer.Option(..., "--data", help="Training data: clip-format folder or latent cache."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, logs/, model/, model-ema/."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Override train.max_steps (optimizer steps)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this many minutes."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Override train.batch_size (per process)."),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16 (fp16 needs a GPU)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's latest checkpoint."),
+    config: Path = typer.Option(None, "--config", help="Full preset YAML (from `drivesim config show P --yaml`)."),
+    sets: list[str] = typer.Option([], "--set", help="key=value override, repeatable (train.lr=2e-4)."),
+    opts: list[str] = typer.Option([], "--opt", help="Stage-specific option key=value, repeatable."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train STAGE of the Video LDM stack; writes checkpoints to OUT/checkpoints and exports OUT/model(-ema)."""
+    import torch
+
+    from drivesim.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+    from drivesim.training.loop import train, validate_train_config
+
+    spec = get_stage(stage)
+    cfg = resolve_preset(stage, preset, config, sets)
+    flags = {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
+             "mixed_precision": mixed_precision}
+    tc: TrainConfig = dataclasses.replace(cfg.train[stage], **{k: v for k, v in flags.items() if v is not None})
+    validate_train_config(tc)
+    cfg = dataclasses.replace(cfg, train={**cfg.train, stage: tc})
+    stage_opts = parse_opts(spec, opts)
+    if not data.exists():
+        raise ConfigError(f"{data}: --data: no such file or folder")
+    if not resume and latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
+        raise ConfigError(f"{out}: --no-resume: folder already holds checkpoints; resume or choose another --out")
+
+    torch.manual_seed(tc.seed)
+    model, dataset, collate_fn = spec.build(cfg, data, **stage_opts)
+    if int(os.environ.get("RANK", "0")) == 0:
+        dump_yaml(cfg, out / f"config-{stage}.yaml")
+    result = train(model, dataset, tc, out, collate_fn=collate_fn, resume=resume, progress=progress)
+    typer.echo(f"{stage}: step {result.step} ({result.stop_reason}), {result.steps_per_s:.2f} steps/s; "
+               f"model: {result.export_dir}; EMA: {result.ema_export_dir}")
+
