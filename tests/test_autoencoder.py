@@ -328,3 +328,37 @@ def test_l2_reconstruction_loss():
     rec = model.decoder(model.encode(x).sample().flatten(0, 1)).unflatten(0, (1, 2))
     assert logs["rec"] == pytest.approx(F.mse_loss(rec, x).item(), rel=1e-6)
     assert logs["rec"] != pytest.approx((rec - x).abs().mean().item(), rel=1e-3)
+
+
+def test_lpips_needs_local_weights_and_is_used_when_given(tmp_path):
+    from safetensors.torch import save_file
+
+    from drivesim.autoencoder.lpips import LPIPS
+    from drivesim.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="not found"):
+        AutoencoderKL(_cfg(lpips_weights=str(tmp_path / "missing.safetensors")))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WeightsError):
+        LPIPS(tmp_path / "junk.safetensors")
+    # random stand-in weights with the documented key names (real ones come from torchvision + the LPIPS repo)
+    g = torch.Generator().manual_seed(0)
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    tensors = {}
+    for n, idx in enumerate(convs):
+        tensors[f"features.{idx}.weight"] = torch.randn(widths[n + 1], widths[n], 3, 3, generator=g) * 0.05
+        tensors[f"features.{idx}.bias"] = torch.zeros(widths[n + 1])
+    for k, c in enumerate([64, 128, 256, 512, 512]):
+        tensors[f"lin{k}.model.1.weight"] = torch.rand(1, c, 1, 1, generator=g)
+    save_file({k: v for k, v in tensors.items() if k != "lin4.model.1.weight"}, str(tmp_path / "part.safetensors"))
+    with pytest.raises(WeightsError, match="lin4"):
+        LPIPS(tmp_path / "part.safetensors")
+    save_file(tensors, str(tmp_path / "lpips.safetensors"))
+    lp = LPIPS(tmp_path / "lpips.safetensors")
+    x = _frames(b=1, t=2).flatten(0, 1)
+    assert torch.allclose(lp(x, x), torch.zeros(2)) and (lp(x, x.flip(-1)) > 0).all()
+    model = AutoencoderKL(_cfg(lpips_weights=str(tmp_path / "lpips.safetensors")))
+    assert not any("lpips" in k or "features" in k for k in model.state_dict())
+    _, logs = model.loss({"frames": _frames(b=1, t=1)})
+    assert logs["lpips"] > 0

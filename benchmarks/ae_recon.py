@@ -1,0 +1,110 @@
+"""Reconstruction quality of the image decoder vs the video-fine-tuned decoder (issue 4 "Measure and report").
+
+For every val clip of a clip-format dataset: encode all frames with the (shared, frozen) encoder (posterior
+mean), decode once with the image autoencoder's decoder and once with the video autoencoder's decoder (chunked,
+cross-faded, as in use), then report per-frame PSNR and SSIM and the temporal flicker
+mean |(rec[t+1] - rec[t]) - (x[t+1] - x[t])| (on [0, 1] pixels) as one markdown table.
+
+    python benchmarks/ae_recon.py --data data/sample --image-ae runs/ae/model --video-ae runs/vdec/model \
+        --image-minutes 11 --video-minutes 7
+
+Also reports the video decoder with every alpha forced to 1 (must equal the image decoder: a sanity row) and
+the learned alphas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _load_val_clips(data: Path, size: tuple[int, int] | None, max_clips: int | None, max_frames: int | None):
+    from drivesim.datasets.clips import load_clip, read_manifest
+    from drivesim.datasets.transforms import frames_to_tensor, resize_frames
+
+    entries = [e for e in read_manifest(data).clips if e.split == "val"]
+    if max_clips:
+        entries = entries[:max_clips]
+    for e in entries:
+        frames, _ = load_clip(e)
+        if size is not None and frames.shape[1:3] != size:
+            frames = resize_frames(frames, size)
+        if max_frames:
+            frames = frames[:max_frames]
+        yield e.clip_id, frames_to_tensor(frames)[None]  # (1, t, 3, h, w) in [-1, 1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import drivesim
+    from drivesim.autoencoder import AutoencoderKL, VideoAutoencoder
+    from drivesim.autoencoder.metrics import flicker, psnr, ssim
+    from drivesim.nn.temporal import AlphaBlender, force_alpha_one
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--image-ae", type=Path, required=True, help="exported image autoencoder (or its run folder)")
+    ap.add_argument("--video-ae", type=Path, required=True, help="exported video autoencoder (or its run folder)")
+    ap.add_argument("--size", default="128x256", help="HxW frames are resized to (the preset's resolution)")
+    ap.add_argument("--max-clips", type=int, default=None)
+    ap.add_argument("--max-frames", type=int, default=None, help="frames per clip (default: all)")
+    ap.add_argument("--image-minutes", type=float, default=None, help="training time of the image AE (report)")
+    ap.add_argument("--video-minutes", type=float, default=None, help="training time of the video decoder")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+    h, w = (int(v) for v in args.size.split("x"))
+
+    image_ae = drivesim.load(args.image_ae)
+    video_ae = drivesim.load(args.video_ae)
+    assert isinstance(image_ae, AutoencoderKL) and isinstance(video_ae, VideoAutoencoder)
+    video_ae.attach_to(image_ae, source=str(args.video_ae))  # same encoder: same latents for both decoders
+    alphas = [round(float(m.alpha()), 4) for m in video_ae.modules() if isinstance(m, AlphaBlender)]
+
+    rows = {"image decoder": [], "video decoder": [], "video decoder, alpha forced to 1": []}
+    seconds = {k: 0.0 for k in rows}
+    n_frames = 0
+    with torch.no_grad():
+        for _, x in _load_val_clips(args.data, (h, w), args.max_clips, args.max_frames):
+            z = image_ae.encode(x).mode()
+            ref = (x + 1) / 2
+            for name in rows:
+                t0 = time.perf_counter()
+                if name == "image decoder":
+                    rec = image_ae.decode(z)
+                elif name == "video decoder":
+                    rec = video_ae.decode(z)
+                else:
+                    with force_alpha_one(video_ae):
+                        rec = video_ae.decode(z)
+                seconds[name] += time.perf_counter() - t0
+                rec = ((rec.clamp(-1, 1) + 1) / 2).double()
+                rows[name].append((psnr(rec, ref)[0], ssim(rec, ref)[0], flicker(rec, ref)[0]))
+            n_frames += x.shape[1]
+
+    result = {"frames": n_frames, "clips": len(rows["image decoder"]), "alphas": alphas, "rows": {}}
+    for name, per_clip in rows.items():
+        p = torch.cat([r[0] for r in per_clip])
+        s = torch.cat([r[1] for r in per_clip])
+        f = torch.cat([r[2] for r in per_clip])
+        result["rows"][name] = {"psnr_db": p.mean().item(), "psnr_std": p.std().item(), "ssim": s.mean().item(),
+                                "ssim_std": s.std().item(), "flicker": f.mean().item(),
+                                "decode_s_per_frame": seconds[name] / n_frames}
+    minutes = {"image decoder": args.image_minutes, "video decoder": args.video_minutes,
+               "video decoder, alpha forced to 1": None}
+    print(f"val: {result['clips']} clips, {n_frames} frames at {h}x{w}; video decoder alphas {alphas}")
+    print("| decoder | train time (min) | PSNR (dB) | SSIM | flicker (x1e-3) | decode s/frame |")
+    print("|---|---|---|---|---|---|")
+    for name, r in result["rows"].items():
+        m = minutes[name]
+        print(f"| {name} | {'' if m is None else f'{m:.1f}'} | {r['psnr_db']:.2f} ± {r['psnr_std']:.2f} | "
+              f"{r['ssim']:.4f} ± {r['ssim_std']:.4f} | {1e3 * r['flicker']:.3f} | {r['decode_s_per_frame']:.4f} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
