@@ -73,3 +73,29 @@ def test_gated_attention_gate_zero_is_identity_and_permutation_invariant():
     assert not torch.allclose(y, y2)  # the box tokens matter once the gate opens
     perm = torch.tensor([3, 0, 4, 2, 1])
     torch.testing.assert_close(attn(x, tokens[:, perm]), y, atol=1e-5, rtol=1e-5)
+
+
+def _raster(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(n, 4) normalised xyxy -> (h, w) bool of pixel centres inside any box (the box <-> pixel convention)."""
+    ys = (torch.arange(h) + 0.5) / h
+    xs = (torch.arange(w) + 0.5) / w
+    inside = [(xs >= b[0]) & (xs < b[2]) & (ys[:, None] >= b[1]) & (ys[:, None] < b[3]) for b in boxes]
+    return torch.stack(inside).any(0)
+
+
+def test_hflip_of_latents_and_boxes_is_consistent_with_tokens():
+    """The data augmentation mirrors latents and boxes together: the box still covers the same content, and the
+    box tokens see the mirrored coordinates (x -> 1 - x, x1/x2 swapped so x1 < x2 stays true)."""
+    from drivesim.datasets.transforms import hflip
+
+    h, w = 4, 8
+    boxes = torch.tensor([[[0.125, 0.25, 0.5, 0.75], [0.625, 0.0, 0.875, 0.5]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    content = _raster(boxes[0], h, w).float()[None, None]  # latent "objects" exactly where the boxes are
+    flipped, fboxes = hflip(content, boxes, mask)
+    assert torch.equal(_raster(fboxes[0], h, w).float(), flipped[0, 0])
+    assert bool((fboxes[..., 2] > fboxes[..., 0]).all())
+    tok = _tokenizer()
+    a = tok(boxes[None], torch.zeros(1, 1, 2, dtype=torch.long), mask[None])
+    b = tok(fboxes[None], torch.zeros(1, 1, 2, dtype=torch.long), mask[None])
+    assert not torch.allclose(a[:, :2], b[:, :2])  # a mirrored layout is a different condition
