@@ -47,6 +47,29 @@ def test_add_noise_and_velocity_closed_form():
     np.testing.assert_allclose(sched.alphas_cumprod.numpy(), ab, rtol=2e-4)
 
 
+def test_per_frame_timesteps_and_diffusers_agreement():
+    from diffusers import DDPMScheduler
+
+    sched = NoiseSchedule(CFG)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 4, 2, 2, generator=g)
+    noise = torch.randn(2, 3, 4, 2, 2, generator=g)
+    t_frame = torch.tensor([[0, 250, 999], [5, 5, 600]])
+    per_frame = sched.add_noise(x0, noise, t_frame)
+    for b in range(2):
+        for f in range(3):
+            one = sched.add_noise(x0[b:b + 1, f], noise[b:b + 1, f], t_frame[b:b + 1, f])
+            torch.testing.assert_close(per_frame[b, f], one[0], atol=0, rtol=0)
+    # (b,) timesteps: same numbers as diffusers' own add_noise / get_velocity
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=CFG.beta_start, beta_end=CFG.beta_end,
+                        beta_schedule="linear")
+    t = torch.tensor([17, 801])
+    torch.testing.assert_close(sched.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sched.velocity(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="prefix"):
+        sched.add_noise(x0, noise, torch.zeros(3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_denoiser_target_and_loss_closed_form(prediction_type):
     cfg = dataclasses.replace(CFG, prediction_type=prediction_type)

@@ -47,7 +47,7 @@ class Denoiser:
         Args:
             x0: (b, t, c, h, w) clean (scaled) latents.
             cond: passed through to the network untouched.
-            t: (b,) int64 timesteps; drawn uniformly from {0..T-1} when None.
+            t: (b,) or (b, t) int64 timesteps; drawn uniformly from {0..T-1} per sample when None.
             noise: like `x0`; standard normal when None.
             weight: optional (b, t, c, h, w) or broadcastable elementwise weight (e.g. 0 on context frames).
         Returns:
@@ -75,9 +75,7 @@ class Denoiser:
         epsilon: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1-ab) v,
         eps = sqrt(1-ab) x_t + sqrt(ab) v.
         """
-        ab = self.schedule.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)[t.long()]
-        ab = ab.reshape(ab.shape + (1,) * (x_t.ndim - ab.ndim))
-        a, s = ab.sqrt(), (1 - ab).sqrt()
+        a, s = self.schedule.coefficients(t, x_t)
         if self.prediction_type == "epsilon":
             eps = output
             x0 = (x_t - s * eps) / a

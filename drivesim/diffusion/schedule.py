@@ -1,6 +1,8 @@
 """The one adapter between drivesim and diffusers' noise schedulers.
 
-Training noise comes from `diffusers.DDPMScheduler` (SPEC: 1000 steps, linear variance-preserving schedule);
+Training noise uses the alpha_bar table of `diffusers.DDPMScheduler` (SPEC: 1000 steps, linear variance-preserving
+schedule; the closed forms below are applied here so timesteps may be given per frame, which diffusers'
+`add_noise` cannot broadcast);
 sampling steps come from `diffusers.DDIMScheduler` (eta = 0) or `diffusers.DPMSolverMultistepScheduler`
 (DPM-Solver++, 2nd order). drivesim code never reimplements a schedule or a solver step: it calls this module.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from einops import rearrange
 
 from drivesim.configs import DiffusionConfig
 from drivesim.errors import ConfigError
@@ -71,23 +74,38 @@ class NoiseSchedule:
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
                              device="cpu").to(device)
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise.
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) broadcastable against `like`.
 
         Args:
-            x0, noise: (b, ...) any trailing shape, float.
-            t: (b,) int64 timesteps in [0, T).
+            t: int64 timesteps in [0, T), shape (b,) (one per sample) or (b, t) (one per frame, e.g. LVDM's
+                perturbed context frames); its shape must be a prefix of `like.shape`.
+            like: the tensor the coefficients multiply (dtype and device are taken from it).
         Returns:
-            (b, ...) like `x0`.
+            two tensors of shape t.shape + (1,) * (like.ndim - t.ndim), dtype of `like`.
         """
-        return self._ddpm.add_noise(x0, noise, t.to(x0.device))
+        if tuple(like.shape[: t.ndim]) != tuple(t.shape):
+            raise ValueError(f"timesteps of shape {tuple(t.shape)} do not prefix data of shape {tuple(like.shape)}")
+        ab = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
+        ab = rearrange(ab, "... -> ..." + " 1" * (like.ndim - t.ndim))
+        return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (DDPM eq. 4; alpha_bar from diffusers).
+
+        Args:
+            x0, noise: (b, ...) float, e.g. (b, t, c, h, w).
+            t: (b,) or (b, t) int64 timesteps in [0, T) (see `coefficients`).
+        Returns:
+            like `x0`.
+        """
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * noise
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, eq. after (8)).
-
-        Shapes as `add_noise`.
-        """
-        return self._ddpm.get_velocity(x0, noise, t.to(x0.device))
+        """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022); shapes as `add_noise`."""
+        a, s = self.coefficients(t, x0)
+        return a * noise - s * x0
 
     def make_sampler(self, sampler: str | None = None) -> Sampler:
         """A fresh (stateful) reverse-process stepper for this schedule: "ddim" or "dpmpp" (default: config's).
