@@ -86,3 +86,32 @@ def parse_opts(spec: StageSpec, pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--opt: {key}: unknown option for stage {spec.name} (options: {known})")
         out[key] = value
     return out
+
+
+# ---- image_ldm (issue 5) --------------------------------------------------------------------------------------
+
+
+def _tensor_collate(samples: list[dict]) -> dict:
+    """Default collate of the tensor fields only (drops "clip_id" / "start", which the models do not read)."""
+    import torch
+    from torch.utils.data import default_collate
+
+    return default_collate([{k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for s in samples])
+
+
+@register_stage("image_ldm", help="Box- and day/night-conditioned image LDM on single frames of a latent cache "
+                "(--data CACHE.h5 from `drivesim encode`).",
+                options={"frames": "frames per cached window folded into the batch as images (default 1)"})
+def build_image_ldm(preset, data_path, frames: str = "1"):
+    """Image LDM (`preset.image_ldm`) + `LatentClipDataset(data_path, "train")` windows of `frames` frames."""
+    from drivesim.datasets.latent_cache import LatentClipDataset
+    from drivesim.models.image_ldm import ImageLDM
+
+    try:
+        num_frames = int(frames)
+        if num_frames < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--opt: frames: expected a positive integer, got {frames!r}") from None
+    dataset = LatentClipDataset(data_path, split="train", num_frames=num_frames, frame_stride=1)
+    return ImageLDM(preset.image_ldm), dataset, _tensor_collate
