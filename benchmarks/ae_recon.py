@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     video_ae = drivesim.load(args.video_ae)
     assert isinstance(image_ae, AutoencoderKL) and isinstance(video_ae, VideoAutoencoder)
     video_ae.attach_to(image_ae, source=str(args.video_ae))  # same encoder: same latents for both decoders
-    alphas = [round(float(m.alpha()), 4) for m in video_ae.modules() if isinstance(m, AlphaBlender)]
+    alphas = [round(float(m.alpha().detach()), 4) for m in video_ae.modules() if isinstance(m, AlphaBlender)]
 
     rows = {"image decoder": [], "video decoder": [], "video decoder, alpha forced to 1": []}
     seconds = {k: 0.0 for k in rows}

@@ -88,6 +88,66 @@ def parse_opts(spec: StageSpec, pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# ---- autoencoder, video_decoder (issue 4) ---------------------------------------------------------------------
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--opt: {name}: expected a positive integer, got {text!r}") from None
+    return value
+
+
+@register_stage("autoencoder", help="KL-f8 image autoencoder on frames of a clip-format dataset (L1 + KL + "
+                "patch GAN after autoencoder.disc_start).",
+                options={"hflip": "probability of mirroring a sample (default 0.5)"})
+def build_autoencoder(preset, data_path, hflip: str = "0.5"):
+    """`AutoencoderKL(preset.autoencoder)` + single train frames (t = 1) resized to `preset.resolution`."""
+    from drivesim.datasets.torch_data import FrameDataset
+
+    from drivesim.autoencoder import AutoencoderKL
+
+    try:
+        p = float(hflip)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--opt: hflip: expected a probability in [0, 1], got {hflip!r}") from None
+    dataset = FrameDataset(data_path, "train", size=tuple(preset.resolution), hflip_p=p)
+    return AutoencoderKL(preset.autoencoder), dataset, None
+
+
+_VIDEO_DECODER_FIELDS = ("temporal_merge", "temporal_alpha_init", "video_train_spatial", "decode_chunk_frames",
+                         "decode_chunk_overlap", "disc_start", "disc_weight", "disc_channels", "disc_layers",
+                         "rec_loss", "lpips_weights", "lpips_weight", "dropout")
+
+
+@register_stage("video_decoder", help="Video fine-tuning of the decoder (temporal layers, 3D-conv video "
+                "discriminator; encoder frozen) from a trained image autoencoder (--opt autoencoder=PATH).",
+                options={"autoencoder": "trained image autoencoder: exported model folder or run folder "
+                                        "(required)",
+                         "frames": "frames per training clip (default autoencoder.decode_chunk_frames)"})
+def build_video_decoder(preset, data_path, autoencoder: str | None = None, frames: str | None = None):
+    """`VideoAutoencoder.from_image(autoencoder)`: architecture, weights and scale factor from the checkpoint;
+    the temporal/loss fields listed in `_VIDEO_DECODER_FIELDS` from `preset.autoencoder`; clips of `frames`
+    frames resized to `preset.resolution`."""
+    from drivesim.datasets.torch_data import ClipDataset
+
+    from drivesim.autoencoder import VideoAutoencoder
+
+    if not autoencoder:
+        raise ConfigError("--opt: autoencoder: required for the video_decoder stage (the trained image "
+                          "autoencoder, e.g. --opt autoencoder=runs/ae/model)")
+    cfg = preset.autoencoder
+    model = VideoAutoencoder.from_image(autoencoder, **{k: getattr(cfg, k) for k in _VIDEO_DECODER_FIELDS})
+    num_frames = _positive_int("frames", frames) if frames else model.config.decode_chunk_frames
+    dataset = ClipDataset(data_path, "train", num_frames=num_frames, size=tuple(preset.resolution), hflip_p=0.5)
+    return model, dataset, None
+
+
 # ---- image_ldm (issue 5) --------------------------------------------------------------------------------------
 
 
@@ -115,3 +175,49 @@ def build_image_ldm(preset, data_path, frames: str = "1"):
         raise ConfigError(f"--opt: frames: expected a positive integer, got {frames!r}") from None
     dataset = LatentClipDataset(data_path, split="train", num_frames=num_frames, frame_stride=1)
     return ImageLDM(preset.image_ldm), dataset, _tensor_collate
+
+
+# ---- prediction / interpolation (issue 6) ---------------------------------------------------------------------
+
+_VIDEO_OPTIONS = {"image_ldm": "trained image LDM whose spatial U-Net is copied in and frozen: exported model "
+                               "folder or run folder (required)"}
+
+
+def _video_ldm_from_image(cls, config, image_ldm: str | None, stage: str):
+    from drivesim.training.checkpoint import load_model
+
+    if not image_ldm:
+        raise ConfigError(f"--opt: image_ldm: required for the {stage} stage (the trained image LDM, e.g. "
+                          f"--opt image_ldm=runs/ldm/model-ema)")
+    return cls.from_image_ldm(load_model(image_ldm, "image_ldm"), config)
+
+
+@register_stage("prediction", help="Key-frame prediction video LDM (temporal layers on the frozen image LDM; "
+                "0-2 context frames, LVDM context perturbation) on windows of a latent cache at "
+                "prediction.frame_stride.", options=_VIDEO_OPTIONS)
+def build_prediction(preset, data_path, image_ldm: str | None = None):
+    """`PredictionLDM.from_image_ldm` + `LatentClipDataset` windows of `prediction.num_frames` frames every
+    `prediction.frame_stride` source frames."""
+    from drivesim.datasets.latent_cache import LatentClipDataset
+
+    from drivesim.models.video_ldm import PredictionLDM
+
+    cfg = preset.prediction
+    model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
+    dataset = LatentClipDataset(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
+    return model, dataset, _tensor_collate
+
+
+@register_stage("interpolation", help="x4 temporal interpolation video LDM serving both stages (label 0: "
+                "stride 4 * interpolation.frame_stride, 1: stride interpolation.frame_stride) on a latent cache.",
+                options=_VIDEO_OPTIONS)
+def build_interpolation(preset, data_path, image_ldm: str | None = None):
+    """`InterpolationLDM.from_image_ldm` + `InterpolationWindows` (both stages, with their stage label)."""
+    from drivesim.datasets.keyframes import InterpolationWindows
+
+    from drivesim.models.video_ldm import InterpolationLDM
+
+    cfg = preset.interpolation
+    model = _video_ldm_from_image(InterpolationLDM, cfg, image_ldm, "interpolation")
+    dataset = InterpolationWindows(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
+    return model, dataset, _tensor_collate
