@@ -100,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deterministic-model", action="store_true", help="no dropout / noise / host RNG")
     ap.add_argument("--hang-at-call", type=int, default=None)
     ap.add_argument("--seen-file", default=None)
+    ap.add_argument("--nan-at", default="", help="comma-separated loss() call numbers that return NaN")
+    ap.add_argument("--nan-rank", type=int, default=None, help="only this process returns NaN (default: all)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = ToyConfig(dropout=0.0, input_noise=0.0, host_rng=False) if a.deterministic_model else ToyConfig()
     model = ToyModel(cfg)
+    if a.nan_rank is None or a.nan_rank == int(os.environ.get("RANK", "0")):
+        model.nan_calls = {int(c) for c in a.nan_at.split(",") if c}
     out = Path(a.out_dir)
     if a.hang_at_call is not None:
         model.hang_at_call, model.hang_marker = a.hang_at_call, out.parent / f"{out.name}.hang"

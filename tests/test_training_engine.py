@@ -118,12 +118,14 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate.commands.launch") is None, reason="accelerate not installed")
 def test_two_process_ddp_matches_one_process_and_shards_are_disjoint(tmp_path):
-    common = ["--max-steps", "4", "--checkpoint-every", "4", "--n", "40", "--deterministic-model"]
+    # step 2 has a NaN loss on rank 0 only: both processes must skip it together (no hang, no desync), exactly as
+    # the one-process run skips its step 2
+    common = ["--max-steps", "4", "--checkpoint-every", "4", "--n", "40", "--deterministic-model", "--nan-at", "2"]
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port()), str(TOY_PATH), str(two), *common, "--batch-size", "4",
-              "--seen-file", str(tmp_path / "seen_two")]
+              "--nan-rank", "0", "--seen-file", str(tmp_path / "seen_two")]
     p_two = subprocess.Popen(launch, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     r_one = subprocess.run(_worker(one, *common, "--batch-size", "8", "--seen-file", str(tmp_path / "seen_one")),
                            env=_env(), capture_output=True, text=True, timeout=180)
@@ -144,6 +146,8 @@ def test_two_process_ddp_matches_one_process_and_shards_are_disjoint(tmp_path):
     assert not set(seen0) & set(seen1), "the two processes saw overlapping samples"
     assert sorted(seen0 + seen1) == sorted(seen_one)
     assert (b / "rng_rank1.safetensors").is_file()
+    for run in (a, b):
+        assert json.loads((run / ckpt.TRAINER_STATE).read_text())["bad_steps_total"] == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,6 +280,8 @@ def test_resume_refuses_checkpoint_of_another_model_config(tmp_path):
     other = _toy_model(hidden=16)
     _one_line_error(CheckpointError, lambda: train(other, toy.ToyDataset(32), _quick_cfg(max_steps=4), tmp_path,
                                                    progress=False), "config.hidden", "config.json")
+    _one_line_error(ConfigError, lambda: train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=4), tmp_path,
+                                               resume=False, progress=False), "resume=False", "step_000002")
     ema_model = ckpt.load_model(tmp_path / "checkpoints" / "step_000002", ema=True)
     raw_model = ckpt.load_model(tmp_path / "checkpoints" / "step_000002")
     assert not torch.equal(ema_model.net[0].weight, raw_model.net[0].weight)

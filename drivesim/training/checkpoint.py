@@ -496,8 +496,10 @@ def load_training_checkpoint(
     if diff:
         raise CheckpointError(f"{cfg_path}: {diff}: checkpoint's model config differs from the model being trained")
     load_state_into(model, read_tensors(folder / MODEL_NAME), folder / MODEL_NAME)
-    if ema is not None and (folder / EMA_NAME).exists():
-        ema.load_shadow(read_tensors(folder / EMA_NAME), str(folder / EMA_NAME))
+    if ema is not None:
+        # a run saved without EMA (ema_decay 0) restarts the average from the restored weights, not from init
+        ema_state = read_tensors(folder / EMA_NAME) if (folder / EMA_NAME).exists() else model.state_dict()
+        ema.load_shadow(ema_state, str(folder / EMA_NAME))
     opt_state = optimizer_from_files(read_tensors(folder / OPTIMIZER_TENSORS), read_json(folder / OPTIMIZER_JSON),
                                      group_names, folder / OPTIMIZER_JSON)
     optimizer.load_state_dict(opt_state)

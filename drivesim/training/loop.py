@@ -181,7 +181,8 @@ def train(
             moved to the device with `accelerate.utils.send_to_device`.
         cfg: the training config (per-process batch size, see module docstring).
         out_dir: run folder (checkpoints/, logs/, model/, model-ema/).
-        resume: continue from the latest complete checkpoint under `out_dir/checkpoints` if there is one.
+        resume: continue from the latest complete checkpoint under `out_dir/checkpoints` if there is one; with
+            False, an `out_dir` that already holds checkpoints is refused (ConfigError).
         progress: show the rich progress bar (main process only).
         export: write the inference checkpoints at the end.
 
@@ -189,7 +190,7 @@ def train(
         TrainResult.
 
     Raises:
-        ConfigError: invalid training config.
+        ConfigError: invalid training config, or resume=False on a folder with checkpoints.
         CheckpointError: the checkpoint to resume from is unreadable or belongs to another model/config.
         DataError: the dataset is smaller than one global batch.
         NonFiniteLossError: `cfg.max_bad_steps` consecutive steps had a non-finite loss or gradient; the last
@@ -220,7 +221,11 @@ def train(
 
     state = {"step": 0, "epoch": 0, "position": 0, "bad_steps_total": 0}
     rng_to_restore = None
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is not None and not resume:
+        # training from scratch here would interleave two runs' step_* folders and break `latest` resolution
+        raise ConfigError(f"{out_dir}: resume=False but the folder already holds checkpoints ({latest.name}); "
+                          "resume or use another output folder")
     wrapper = _LossModule(model)
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
     if ema is not None:
