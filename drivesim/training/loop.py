@@ -15,6 +15,7 @@ would step it once per process), so the schedule does not depend on the process 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,8 +241,9 @@ def train(
             ema.num_updates = int(loaded.get("ema_updates", 0))
         if accelerator.scaler is not None and loaded.get("scaler"):
             accelerator.scaler.load_state_dict(loaded["scaler"])
-        if not has_rng and console:
-            console.print(f"[yellow]{latest}: no RNG state for rank {rank}; process count changed, RNG reseeded")
+        if not has_rng:  # every rank reports its own: only the ranks beyond the old process count lack one
+            print(f"{latest}: no RNG state for rank {rank} (the process count changed); its RNG is seeded afresh, "
+                  "so this resume is not bit-exact", file=sys.stderr)
     start_step = int(state["step"])
 
     if console:
