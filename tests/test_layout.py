@@ -3,6 +3,7 @@
 import importlib.metadata
 import importlib.util
 import re
+import sysconfig
 from pathlib import Path
 
 import drivesim
@@ -20,7 +21,11 @@ def test_subpackages_resolve_to_our_folders():
 
 
 def test_we_install_no_plain_top_level_packages():
-    dist = importlib.metadata.distribution("drivesim")
+    # the installed distribution in site-packages, not a stray drivesim.egg-info in the working directory
+    purelib = sysconfig.get_paths()["purelib"]
+    dists = [d for d in importlib.metadata.distributions(name="drivesim", path=[purelib])]
+    assert len(dists) == 1, f"expected one installed drivesim distribution in {purelib}, found {len(dists)}"
+    dist = dists[0]
     top = set()
     for f in dist.files or []:
         parts = Path(str(f)).parts
