@@ -104,7 +104,9 @@ class TemporalConfig:
     """Temporal layers inserted into the spatial U-Net (SPEC section 1, "Temporal layers")."""
 
     merge_strategy: str = "learned_with_images"  # fixed | learned | learned_with_images
-    alpha_init: float = 1.0
+    # learned: alpha = sigmoid(mix); the temporal blocks are zero-initialised, so any alpha starts as the image
+    # model; 0.5 gives both paths gradient (1.0 is only valid for `fixed`; `force_alpha_one` switches them off)
+    alpha_init: float = 0.5
     attention: bool = True
     conv3d: bool = True
     relative_positions: bool = False
@@ -144,7 +146,13 @@ class VideoLDMConfig:
     # LVDM conditional latent perturbation: s ~ U{0..s_max} in training, fixed s at sampling
     context_noise_max: int = 250
     context_noise_sample: int = 100
-    frame_stride: int = 5
+    # source frames between consecutive frames of a window: prediction = between key frames; interpolation =
+    # between output frames of the fine stage (label 1, 4T -> 16T); the coarse stage (label 0) uses 4x this
+    frame_stride: int = 4
+    context_frames: tuple[int, ...] = (0, 1, 2)  # prediction: S drawn uniformly from these (0 = unconditional)
+    interpolation_uncond_p: float = 0.1  # interpolation: clips trained without key frames (LVDM: 10%)
+    # context guidance f(z) + s (f(z; c) - f(z)) at sampling; s = 1 + w of LVDM's unconditional guidance (w = 0.1)
+    context_guidance: float = 1.1
 
 
 @dataclass(frozen=True)
@@ -223,7 +231,7 @@ def _tiny() -> Preset:
         image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=4)),
         prediction=VideoLDMConfig(stage="prediction", num_frames=4, unet=unet,
                                   diffusion=DiffusionConfig(num_inference_steps=4)),
-        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet,
+        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1,
                                      diffusion=DiffusionConfig(num_inference_steps=4)),
         upsampler=UpsamplerConfig(patch_size=16, chunk_frames=4,
                                   unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
@@ -249,7 +257,7 @@ def _cpu_small() -> Preset:
         image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=25)),
         prediction=VideoLDMConfig(stage="prediction", num_frames=6, unet=unet,
                                   diffusion=DiffusionConfig(num_inference_steps=25)),
-        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet,
+        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1,
                                      diffusion=DiffusionConfig(num_inference_steps=25)),
         upsampler=UpsamplerConfig(patch_size=64, unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
         train={s: base for s in ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation",
@@ -271,8 +279,8 @@ def _paper() -> Preset:
         resolution=(128, 256),
         autoencoder=AutoencoderConfig(base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2),
         image_ldm=ImageLDMConfig(unet=unet),
-        prediction=VideoLDMConfig(stage="prediction", num_frames=8, unet=unet, frame_stride=5),
-        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet),
+        prediction=VideoLDMConfig(stage="prediction", num_frames=8, unet=unet, frame_stride=16),  # 1.875 fps of 30
+        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1),
         upsampler=UpsamplerConfig(
             patch_size=80, unet=UNetConfig(in_channels=6, out_channels=3, model_channels=128,
                                            channel_mult=(1, 2, 4, 4), num_res_blocks=2,

@@ -1,4 +1,7 @@
 """Importing this package registers every model class with `drivesim.registry` (used by `drivesim.load`)."""
 
 import drivesim.autoencoder  # noqa: F401,E402  (autoencoder_kl, video_autoencoder)
-from drivesim.models import image_ldm  # noqa: E402,F401  (image_ldm)
+from drivesim.models import (
+    image_ldm,  # noqa: E402,F401  (image_ldm)
+    video_ldm,  # noqa: E402,F401  (prediction_ldm, interpolation_ldm)
+)
