@@ -14,7 +14,9 @@ from drivesim.cli import config as config_cmds
 from drivesim.cli import data as data_cmds
 from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
+from drivesim.cli import export as export_cmds
 from drivesim.cli import sample as sample_cmds
+from drivesim.cli import scenario as scenario_cmds
 from drivesim.cli import train as train_cmds
 from rich.console import Console
 
@@ -33,6 +35,8 @@ app.add_typer(config_cmds.app, name="config")
 app.command("train", epilog=train_cmds.EPILOG)(train_cmds.train_cmd)
 app.command("encode")(encode_cmds.encode_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
+app.add_typer(scenario_cmds.app, name="scenario")
+app.command("export")(export_cmds.export_cmd)
 
 err_console = Console(stderr=True)
 
