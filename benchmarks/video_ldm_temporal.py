@@ -1,0 +1,203 @@
+"""Do the temporal layers help? FVD and flicker of 16-frame clips from the video LDMs vs the same models with
+every alpha forced to 1 (frames independent), on the val clips (issue 6 "Measure and report").
+
+For each val window of 17 latent frames (starts 0 and t - 17 of every val clip of the latent cache):
+1. key frames: the prediction model continues the window's first real latent frame (S = 1 context) to 5 key
+   frames at stride 4 (frames 0, 4, 8, 12, 16; 2.5 fps on the 10 fps sample), conditioned on the boxes and
+   labels of those frames;
+2. the interpolation model (stage label 1, 4T -> 16T) fills the 3 frames between each pair of key frames,
+   conditioned on the boxes of every frame;
+3. the autoencoder decodes the first 16 frames.
+The same pipeline runs again with `force_alpha_one` on both models (same seeds): every generated frame is then
+the image model's (the context and key frames cannot reach other frames). Real clips: the val clips' own frames,
+two non-overlapping 16-frame windows per clip. Also reported: the autoencoder's reconstruction of the real
+windows (a floor for what the generators can reach through this decoder).
+
+Flicker (no ground truth for generated clips): on [0, 1] pixels, `diff1` = mean |x[t+1] - x[t]| (how much
+changes per frame) and `diff2` = mean |x[t+1] - 2 x[t] + x[t-1]| (temporal second difference: jitter; smooth
+motion has small diff2, independent frames large). Compare each with the real clips' values.
+
+    python benchmarks/video_ldm_temporal.py --data data/sample --cache runs/latents.h5 --ae runs/vdec/model \\
+        --prediction runs/pred/model-ema --interpolation runs/interp/model-ema --out runs/video_eval
+
+Writes OUT/report.json, OUT/filmstrip_{real,video,alpha1}.png (8 frames of the first window, boxes drawn) and
+prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _real_windows(data: Path, size: tuple[int, int], length: int, max_clips: int | None) -> dict[str, np.ndarray]:
+    """clip id -> (n, length, h, w, 3) uint8 non-overlapping windows of that val clip."""
+    from drivesim.datasets.clips import load_clip, read_manifest
+    from drivesim.datasets.transforms import resize_frames
+
+    out = {}
+    entries = sorted((e for e in read_manifest(data).clips if e.split == "val"), key=lambda e: e.clip_id)
+    for e in entries[:max_clips]:
+        frames, ann = load_clip(e)
+        if frames.shape[1:3] != size:
+            frames = resize_frames(frames, size)
+        out[ann.clip_id] = np.stack([frames[s:s + length] for s in range(0, frames.shape[0] - length + 1, length)])
+    return out
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(b, t, 3, h, w) in [-1, 1] -> (b, t, h, w, 3) uint8."""
+    x = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def flicker_measures(videos: np.ndarray) -> dict[str, float]:
+    """diff1 = mean |x[t+1] - x[t]|, diff2 = mean |x[t+1] - 2 x[t] + x[t-1]| on [0, 1] pixels of (n, t, h, w, 3)."""
+    x = videos.astype(np.float64) / 255.0
+    d1 = np.diff(x, axis=1)
+    return {"diff1": float(np.abs(d1).mean()), "diff2": float(np.abs(np.diff(d1, axis=1)).mean())}
+
+
+def _filmstrip(video: np.ndarray, boxes: np.ndarray | None, mask: np.ndarray | None, path: Path,
+               frames: int = 8) -> None:
+    """One row of `frames` frames of (t, h, w, 3) uint8 with the conditioning boxes (normalised xyxy) drawn."""
+    import cv2
+
+    tiles = []
+    for k in range(frames):
+        img = np.ascontiguousarray(video[k])
+        h, w = img.shape[:2]
+        if boxes is not None:
+            for (x1, y1, x2, y2), valid in zip(boxes[k], mask[k], strict=True):
+                if valid:
+                    cv2.rectangle(img, (int(x1 * w), int(y1 * h)), (int(x2 * w), int(y2 * h)), (255, 220, 0), 1)
+        tiles.append(img)
+        tiles.append(np.full((h, 2, 3), 255, np.uint8))
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(tiles[:-1], axis=1), cv2.COLOR_RGB2BGR))
+
+
+def _slice_cond(batch: dict, frames: list[int]):
+    from drivesim.types import Conditioning
+
+    return Conditioning(boxes=batch["boxes"][:, frames].float(), classes=batch["classes"][:, frames].long(),
+                        box_mask=batch["box_mask"][:, frames].bool(), night=batch["night"].long(),
+                        crowdedness=batch["crowdedness"].long())
+
+
+@torch.no_grad()
+def generate(pred, interp, batch: dict, steps: int, seed: int, guidance_scale: float | None,
+             context_guidance: float | None) -> torch.Tensor:
+    """17 scaled latents per window: prediction of 5 key frames (stride 4) from the first real frame, then
+    stage-1 interpolation of the 4 gaps. Returns (b, 17, c, h, w)."""
+    from einops import rearrange
+
+    from drivesim.types import Conditioning
+
+    latents = batch["latents"].float()
+    b = latents.shape[0]
+    kw = dict(steps=steps, guidance_scale=guidance_scale, context_guidance=context_guidance)
+    keys = pred.predict(_slice_cond(batch, [0, 4, 8, 12, 16]), latents[:, :1],
+                        generator=torch.Generator().manual_seed(seed), **kw)
+    # the 4 gaps of every window as one batch of 5-frame windows
+    conds = [_slice_cond(batch, list(range(4 * j, 4 * j + 5))) for j in range(4)]
+    cond = Conditioning(**{f: rearrange(torch.stack([getattr(c, f) for c in conds], 1), "b j ... -> (b j) ...")
+                           for f in ("boxes", "classes", "box_mask")},
+                        night=batch["night"].long().repeat_interleave(4),
+                        crowdedness=batch["crowdedness"].long().repeat_interleave(4))
+    pairs = rearrange(torch.stack([keys[:, j:j + 2] for j in range(4)], 1), "b j k c h w -> (b j) k c h w")
+    filled = interp.interpolate(cond, pairs, stage=1, generator=torch.Generator().manual_seed(seed + 1), **kw)
+    filled = rearrange(filled, "(b j) t c h w -> b j t c h w", b=b)
+    return torch.cat([filled[:, 0]] + [filled[:, j, 1:] for j in range(1, 4)], dim=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from drivesim.datasets.latent_cache import LatentClipDataset
+    from drivesim.eval.features import i3d_embeddings
+    from drivesim.eval.metrics import fvd
+
+    import drivesim
+    from drivesim.nn.temporal import AlphaBlender, force_alpha_one
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="clip-format dataset (its val clips are the real set)")
+    ap.add_argument("--cache", type=Path, required=True, help="latent cache of the same dataset (val split)")
+    ap.add_argument("--ae", type=Path, required=True, help="exported (video) autoencoder")
+    ap.add_argument("--prediction", type=Path, required=True)
+    ap.add_argument("--interpolation", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the models' config)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="labels/boxes CFG scale")
+    ap.add_argument("--context-guidance", type=float, default=None, help="context guidance s (LVDM 1 + w)")
+    ap.add_argument("--max-clips", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-minutes", default=None, help="free text recorded in the report (training budgets)")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+
+    ae = drivesim.load(args.ae)
+    pred = drivesim.load(args.prediction)
+    interp = drivesim.load(args.interpolation)
+    val = LatentClipDataset(args.cache, split="val", num_frames=17, frame_stride=1)
+    picks = {}
+    for i, (clip, start) in enumerate(val.windows):  # first and last 17-frame window of every clip
+        picks.setdefault(val.clip_ids[clip], []).append((start, i))
+    indices = [i for cid in sorted(picks)[:args.max_clips] for i in sorted({min(picks[cid])[1], max(picks[cid])[1]})]
+    first = val[indices[0]]
+    size = (first["latents"].shape[-2] * 8, first["latents"].shape[-1] * 8)
+    real_by_clip = _real_windows(args.data, size, 16, args.max_clips)
+    real = np.concatenate(list(real_by_clip.values()))
+
+    t0 = time.time()
+    gen = {"video": [], "alpha1": [], "recon": []}
+    for s in range(0, len(indices), args.batch):
+        items = [val[i] for i in indices[s:s + args.batch]]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
+        for name in ("video", "alpha1"):
+            if name == "alpha1":
+                with force_alpha_one(pred), force_alpha_one(interp):
+                    z = generate(pred, interp, batch, args.steps, args.seed + s, args.guidance_scale,
+                                 args.context_guidance)
+            else:
+                z = generate(pred, interp, batch, args.steps, args.seed + s, args.guidance_scale,
+                             args.context_guidance)
+            gen[name].append(_to_uint8(ae.decode_scaled(z[:, :16])))
+        gen["recon"].append(_to_uint8(ae.decode_scaled(batch["latents"][:, :16].float())))
+        print(f"windows {min(s + args.batch, len(indices))}/{len(indices)}  {time.time() - t0:.0f}s", flush=True)
+    gen = {k: np.concatenate(v) for k, v in gen.items()}
+    gen_s = time.time() - t0
+
+    feats = {"real": i3d_embeddings(real)}
+    feats.update({k: i3d_embeddings(v) for k, v in gen.items()})
+    alphas = {name: sorted(round(float(m.alpha()), 3) for m in model.modules() if isinstance(m, AlphaBlender))
+              for name, model in (("prediction", pred), ("interpolation", interp))}
+    report = {
+        "real_clips": int(len(real)), "generated_clips": int(len(gen["video"])), "frames": 16,
+        "resolution": list(size), "steps": args.steps, "generation_s": round(gen_s, 1),
+        "train_minutes": args.train_minutes,
+        "fvd": {k: fvd(feats["real"], feats[k]) for k in ("video", "alpha1", "recon")},
+        "flicker": {k: flicker_measures(v) for k, v in [("real", real), *gen.items()]},
+        "alphas": {k: {"min": v[0], "max": v[-1], "mean": float(np.mean(v))} for k, v in alphas.items()},
+    }
+    b0 = val[indices[0]]
+    boxes, box_mask = b0["boxes"][:16].numpy(), b0["box_mask"][:16].numpy()
+    _filmstrip(real_by_clip[b0["clip_id"]][0], boxes, box_mask, args.out / "filmstrip_real.png")
+    for k in ("video", "alpha1", "recon"):
+        _filmstrip(gen[k][0], boxes, box_mask, args.out / f"filmstrip_{k}.png")
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print("| clips | FVD_16 | diff1 | diff2 |\n|---|---|---|---|")
+    for k in ("real", "recon", "video", "alpha1"):
+        f = report["flicker"][k]
+        print(f"| {k} | {report['fvd'].get(k, 0.0):.1f} | {f['diff1']:.4f} | {f['diff2']:.4f} |")
+    print(json.dumps({k: report[k] for k in ("real_clips", "generated_clips", "generation_s", "alphas")}))
+    return report
+
+
+if __name__ == "__main__":
+    main()
