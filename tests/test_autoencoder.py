@@ -394,3 +394,18 @@ def test_long_video_chunked_decode_peak_memory_is_bounded():
     chunked_kib, full_kib = (int(v) for v in out.stdout.split())
     # one-shot activations scale with 32 frames, chunked with 8 (+ the 12 MiB output): expect ~1/3 or less
     assert chunked_kib < 0.5 * full_kib, (chunked_kib, full_kib)
+
+
+def test_crossfade_weights_are_linear_ramps_summing_to_one():
+    from drivesim.autoencoder.model import _crossfade_weights
+
+    for t, chunk, overlap in [(20, 8, 2), (11, 4, 1), (9, 8, 3), (40, 8, 4)]:
+        win = chunk_windows(t, chunk, overlap)
+        total = torch.zeros(t, dtype=torch.float64)
+        for i, (s, e) in enumerate(win):
+            w = _crossfade_weights(s, e, i == 0, i == len(win) - 1, win[i - 1][1] if i else s,
+                                   win[i + 1][0] if i + 1 < len(win) else e)
+            total[s:e] += w
+        torch.testing.assert_close(total, torch.ones(t, dtype=torch.float64))
+    w = _crossfade_weights(6, 14, False, False, 8, 12)  # (20, 8, 2): middle chunk shares 2 frames each side
+    torch.testing.assert_close(w, torch.tensor([1 / 3, 2 / 3, 1, 1, 1, 1, 2 / 3, 1 / 3], dtype=torch.float64))
