@@ -101,16 +101,22 @@ def test_alpha_one_reproduces_image_model_bit_for_bit():
             assert torch.allclose(image(x[:, k:k + 1], t, frame_cond)[:, 0], out[:, k], atol=1e-5)
 
 
-def test_prediction_model_starts_as_image_model_and_alpha_one_is_exact_with_mask():
+def test_prediction_model_starts_as_image_model_and_mask_channel_is_exact():
     image = ImageLDM(TINY.image_ldm)
     _randomize(image, 3)
     model = PredictionLDM.from_image_ldm(image, TINY.prediction).eval()
     x, t, cond = _inputs()
-    mask = torch.zeros(2, 4, dtype=torch.bool)
+    no_context = cond.replace(context_mask=torch.zeros(2, 4, dtype=torch.bool))
     with torch.no_grad():
         ref = image.unet(x, t, cond)
-        # fresh model (zero-initialised temporal outputs, mask conv and alpha 0.5): exactly the image model
-        assert torch.equal(model.unet(x, t, cond.replace(context_mask=mask)), ref)
+        # fresh model (zero-initialised temporal outputs, mask conv, stage table; alpha 0.5): the image model
+        assert torch.equal(model.unet(x, t, no_context), ref)
+        for n, p in model.unet.named_parameters():
+            if n not in model.unet.spatial_parameter_names and "mix_factor" not in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+        with force_alpha_one(model):  # trained-looking temporal layers and mask conv, alpha 1, S = 0: exact
+            assert torch.equal(model.unet(x, t, no_context), ref)
+        assert not torch.allclose(model.unet(x, t, no_context), ref, atol=1e-4)
 
 
 def test_temporal_layers_get_gradients_spatial_do_not():
