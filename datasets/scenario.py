@@ -137,8 +137,9 @@ def scenario_from_json(data: Any, path: str | Path) -> Scenario:
         raise DataError(f"{path}: fps: must be a positive finite number, got {data['fps']!r}")
     width = _number(data, "width", path, integer=True)
     height = _number(data, "height", path, integer=True)
-    if width <= 0 or height <= 0:
-        raise DataError(f"{path}: width/height: must be positive, got {width}x{height}")
+    for key, v in (("width", width), ("height", height)):
+        if v <= 0:
+            raise DataError(f"{path}: {key}: must be a positive number of pixels, got {v}")
     night = _number(data, "night", path, integer=True)
     if night not in (0, 1):
         raise DataError(f"{path}: night: must be 0 or 1, got {night}")
