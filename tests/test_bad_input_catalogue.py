@@ -377,8 +377,9 @@ def test_bad_input(case: Case, base: Path, tmp_path: Path, capsys, monkeypatch):
 
 def test_exploit_payload_would_run_if_unpickled(tmp_path):
     """The catalogue's "nothing executed" check can fail: unpickling the payload does create the marker."""
-    pickled_weights(tmp_path)
-    assert not (tmp_path.parent / MARKER).exists()
-    pickle.loads((tmp_path / "model.safetensors").read_bytes()).close()
-    assert (tmp_path.parent / MARKER).exists()
-    (tmp_path.parent / MARKER).unlink()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    pickled_weights(ckpt)
+    assert not (tmp_path / MARKER).exists()
+    pickle.loads((ckpt / "model.safetensors").read_bytes()).close()
+    assert (tmp_path / MARKER).exists()
