@@ -3,6 +3,7 @@
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -147,3 +148,19 @@ def test_late_failure_in_label_file_also_cleans_up(ds, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"annotations\.json: write: Input/output error"):
         ex.export_dataset(ds, tmp_path / "out", "coco")
     assert list(tmp_path.iterdir()) == []
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@pytest.mark.skipif(not (SAMPLE / "manifest.json").is_file(), reason="data/sample not rendered/committed yet")
+def test_sample_dataset_exports_and_makes_a_ten_minute_scenario(tmp_path):
+    from drivesim.datasets.scenario import load_scenario
+
+    out = tmp_path / "yolo"
+    assert main(["export", str(SAMPLE), "--format", "yolo", "--out", str(out), "--every", "25"]) == 0
+    assert json.loads((out / "export.json").read_text())["images"] > 0
+    assert main(["scenario", "from-clip", str(SAMPLE), "--out", str(tmp_path / "s.json"), "--minutes", "10",
+                 "--extend", "chain"]) == 0
+    s = load_scenario(tmp_path / "s.json")
+    assert s.duration_s == pytest.approx(600, abs=1 / s.fps)
