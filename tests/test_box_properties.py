@@ -29,14 +29,20 @@ def _raw(x1, y1, x2, y2, cls="car", track_id="1"):
 # ---- parse_box -------------------------------------------------------------------------------------------------
 
 
+@st.composite
+def overlapping_interval(draw, extent: int):
+    """(lo, hi) with lo < hi whose overlap with [0, extent] has positive length; lo/hi may lie outside it."""
+    lo = draw(st.floats(-3.0 * extent, float(extent), exclude_max=True, allow_subnormal=False))
+    hi = draw(st.floats(max(lo, 0.0), 4.0 * extent, exclude_min=True, allow_subnormal=False))
+    return lo, hi
+
+
 @FAST
-@given(size=sizes, c=st.tuples(finite, finite, finite, finite))
-def test_parse_box_overlapping_boxes_clip_inside_the_image(size, c):
+@given(size=sizes, data=st.data())
+def test_parse_box_overlapping_boxes_clip_inside_the_image(size, data):
     w, h = size
-    x1, x2 = sorted(c[:2])
-    y1, y2 = sorted(c[2:])
-    assume(x1 < x2 and y1 < y2)
-    assume(max(x1, 0) < min(x2, w) and max(y1, 0) < min(y2, h))  # overlaps the image with positive area
+    x1, x2 = data.draw(overlapping_interval(w))
+    y1, y2 = data.draw(overlapping_interval(h))
     box, note = parse_box(_raw(x1, y1, x2, y2), w, h, PATH, "frames[0].boxes[0]")
     assert 0 <= box.x1 < box.x2 <= w and 0 <= box.y1 < box.y2 <= h
     inside = x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h
