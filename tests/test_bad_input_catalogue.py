@@ -31,6 +31,8 @@ from drivesim.datasets.clips import read_annotation, write_synthetic_dataset
 from drivesim.datasets.scenario import Scenario, save_scenario
 
 MARKER = "EXECUTED_FROM_A_FILE"
+TYPER_EXCEPTIONS = ("cli/main.py catches click.ClickException, but typer >= 0.2x raises its vendored "
+                    "typer._click exceptions: usage errors escape main() as a traceback")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Case:
     file: str  # regex: the file (or flag / preset) the message must name
     field: str  # regex: the field it must name
     patch: Callable[[pytest.MonkeyPatch], None] | None = None  # e.g. make a writer fail
+    usage: bool = False  # an argument the parser rejects: "Usage: ..." lines, then one "Error: ..." line
+    known_bug: str | None = None  # a row that fails today: strict xfail with this reason (remove when fixed)
 
 
 # ---- builders ------------------------------------------------------------------------------------------------
@@ -338,6 +342,11 @@ CASES: list[Case] = [
     Case("scenario unknown --extend", lambda tmp: ["scenario", "from-clip", str(tmp / "ds"), "--out",
                                                    str(tmp / "s.json"), "--minutes", "2", "--extend", "spiral"],
          "--extend", "expected one of loop, chain, got 'spiral'"),
+    # arguments rejected by the parser itself
+    Case("required option missing", lambda tmp: ["export", str(tmp / "ds"), "--out", str(tmp / "out")],
+         "", "Missing option '--format'", usage=True, known_bug=TYPER_EXCEPTIONS),
+    Case("option not an integer", lambda tmp: export(tmp, "--every", "many"), "", "Invalid value for '--every'",
+         usage=True, known_bug=TYPER_EXCEPTIONS),
     # failing writes
     Case("disk full during export", lambda tmp: export(tmp), r"out\..*\.partial/images/clip_0000_000002\.png",
          "write: No space left on device", patch=disk_full),
@@ -370,7 +379,12 @@ def test_catalogue_size_and_unique_names():
     assert len({c.name for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def _param(case: Case):
+    marks = [pytest.mark.xfail(strict=True, reason=case.known_bug)] if case.known_bug else []
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_bad_input(case: Case, base: Path, tmp_path: Path, capsys, monkeypatch):
     shutil.copytree(base, tmp_path, dirs_exist_ok=True)
     argv = case.build(tmp_path)
@@ -384,9 +398,15 @@ def test_bad_input(case: Case, base: Path, tmp_path: Path, capsys, monkeypatch):
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert rc != 0, f"exit status 0 for {argv}"
-    assert len(lines) == 1, f"expected one error line, got:\n{captured.err}"
-    line = lines[0]
-    assert line.startswith("error: ") and "Traceback" not in captured.err, line
+    assert "Traceback" not in captured.err, captured.err
+    if case.usage:  # the parser's format: usage and a hint, then exactly one "Error: ..." line
+        errors = [line for line in lines if line.lstrip("│ ").startswith("Error")]
+        assert len(errors) == 1 and lines[0].startswith("Usage:"), captured.err
+        line = errors[0]
+    else:
+        assert len(lines) == 1, f"expected one error line, got:\n{captured.err}"
+        line = lines[0]
+        assert line.startswith("error: "), line
     assert re.search(case.file, line), f"file {case.file!r} not in {line}"
     assert re.search(case.field, line), f"field {case.field!r} not in {line}"
     assert _tree(tmp_path) == before, "the command left files behind (partial output or temp files)"
