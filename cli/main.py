@@ -40,6 +40,15 @@ app.command("export")(export_cmds.export_cmd)
 
 err_console = Console(stderr=True)
 
+# typer >= 0.2x vendors its own click (`typer._click`), older releases use click itself: catch both families.
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # typer built on click
+    _TyperClickException = click.ClickException
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
+_USAGE = (click.ClickException, _TyperClickException)
+
 
 @app.callback()
 def _root(
@@ -55,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # standalone_mode=False makes click *return* the code of `raise typer.Exit(code)` instead of exiting
         rc = app(args=args, prog_name="drivesim", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         err_console.print("[red]aborted[/red]")
         return 130
     except DrivesimError as e:

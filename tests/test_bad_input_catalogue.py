@@ -31,8 +31,6 @@ from drivesim.datasets.clips import read_annotation, write_synthetic_dataset
 from drivesim.datasets.scenario import Scenario, save_scenario
 
 MARKER = "EXECUTED_FROM_A_FILE"
-TYPER_EXCEPTIONS = ("cli/main.py catches click.ClickException, but typer >= 0.2x raises its vendored "
-                    "typer._click exceptions: usage errors escape main() as a traceback")
 
 
 @dataclass(frozen=True)
@@ -344,9 +342,9 @@ CASES: list[Case] = [
          "--extend", "expected one of loop, chain, got 'spiral'"),
     # arguments rejected by the parser itself
     Case("required option missing", lambda tmp: ["export", str(tmp / "ds"), "--out", str(tmp / "out")],
-         "", "Missing option '--format'", usage=True, known_bug=TYPER_EXCEPTIONS),
+         "", "Missing option '--format'", usage=True),
     Case("option not an integer", lambda tmp: export(tmp, "--every", "many"), "", "Invalid value for '--every'",
-         usage=True, known_bug=TYPER_EXCEPTIONS),
+         usage=True),
     # failing writes
     Case("disk full during export", lambda tmp: export(tmp), r"out\..*\.partial/images/clip_0000_000002\.png",
          "write: No space left on device", patch=disk_full),
