@@ -19,7 +19,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from einops import rearrange
 
 
 def _load_val_clips(data: Path, size: tuple[int, int] | None, max_clips: int | None, max_frames: int | None):
@@ -38,6 +40,12 @@ def _load_val_clips(data: Path, size: tuple[int, int] | None, max_clips: int | N
         yield e.clip_id, frames_to_tensor(frames)[None]  # (1, t, 3, h, w) in [-1, 1]
 
 
+def _windows16(video: torch.Tensor) -> list[np.ndarray]:
+    """(t, 3, h, w) in [0, 1] -> non-overlapping 16-frame windows as (16, h, w, 3) uint8 for I3D."""
+    u8 = (video.clamp(0, 1) * 255).round().to(torch.uint8)
+    return [rearrange(u8[s:s + 16], "t c h w -> t h w c").numpy() for s in range(0, u8.shape[0] - 15, 16)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     import drivesim
     from drivesim.autoencoder import AutoencoderKL, VideoAutoencoder
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-minutes", type=float, default=None, help="training time of the image AE (report)")
     ap.add_argument("--video-minutes", type=float, default=None, help="training time of the video decoder")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--fvd", action="store_true", help="also reconstruction FVD on non-overlapping 16-frame "
+                    "windows (I3D weights from `drivesim eval weights`; few windows: compare rows, not papers)")
     args = ap.parse_args(argv)
     h, w = (int(v) for v in args.size.split("x"))
 
@@ -64,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     alphas = [round(float(m.alpha().detach()), 4) for m in video_ae.modules() if isinstance(m, AlphaBlender)]
 
     rows = {"image decoder": [], "video decoder": [], "video decoder, alpha forced to 1": []}
+    windows: dict[str, list] = {"original": [], **{k: [] for k in rows}}
     seconds = {k: 0.0 for k in rows}
     n_frames = 0
     with torch.no_grad():
@@ -84,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds[name] += time.perf_counter() - t0
                 rec = ((rec.clamp(-1, 1) + 1) / 2).double()
                 rows[name].append((psnr(rec, ref)[0], ssim(rec, ref)[0], flicker(rec, ref)[0]))
+                if args.fvd:
+                    windows[name] += _windows16(rec[0])
+            if args.fvd:
+                windows["original"] += _windows16(ref[0].double())
             n_frames += x.shape[1]
 
     result = {"frames": n_frames, "clips": len(rows["image decoder"]), "alphas": alphas, "rows": {}}
@@ -94,15 +109,25 @@ def main(argv: list[str] | None = None) -> dict:
         result["rows"][name] = {"psnr_db": p.mean().item(), "psnr_std": p.std().item(), "ssim": s.mean().item(),
                                 "ssim_std": s.std().item(), "flicker": f.mean().item(),
                                 "decode_s_per_frame": seconds[name] / n_frames}
+    if args.fvd:
+        from drivesim.eval.features import i3d_embeddings
+        from drivesim.eval.metrics import fvd
+
+        feats = {k: i3d_embeddings(np.stack(v)) for k, v in windows.items()}
+        for name in rows:
+            result["rows"][name]["fvd"] = fvd(feats["original"], feats[name])
+        result["fvd_windows"] = len(windows["original"])
     minutes = {"image decoder": args.image_minutes, "video decoder": args.video_minutes,
                "video decoder, alpha forced to 1": None}
     print(f"val: {result['clips']} clips, {n_frames} frames at {h}x{w}; video decoder alphas {alphas}")
-    print("| decoder | train time (min) | PSNR (dB) | SSIM | flicker (x1e-3) | decode s/frame |")
-    print("|---|---|---|---|---|---|")
+    fvd_head = f" rec. FVD ({result.get('fvd_windows')} x 16 frames) |" if args.fvd else ""
+    print("| decoder | train time (min) | PSNR (dB) | SSIM | flicker (x1e-3) | decode s/frame |" + fvd_head)
+    print("|---|---|---|---|---|---|" + ("---|" if args.fvd else ""))
     for name, r in result["rows"].items():
         m = minutes[name]
         print(f"| {name} | {'' if m is None else f'{m:.1f}'} | {r['psnr_db']:.2f} ± {r['psnr_std']:.2f} | "
-              f"{r['ssim']:.4f} ± {r['ssim_std']:.4f} | {1e3 * r['flicker']:.3f} | {r['decode_s_per_frame']:.4f} |")
+              f"{r['ssim']:.4f} ± {r['ssim_std']:.4f} | {1e3 * r['flicker']:.3f} | {r['decode_s_per_frame']:.4f} |"
+              + (f" {r['fvd']:.1f} |" if args.fvd else ""))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
