@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from drivesim.bbox_conditioning.boxes import pack_boxes
 from drivesim.cli.main import main
 from drivesim.cli.sample import read_boxes_json
+
 from drivesim.configs import get_preset
 from drivesim.errors import DataError
 from drivesim.models.image_ldm import ImageLDM
