@@ -15,6 +15,7 @@ from drivesim.cli import data as data_cmds
 from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
 from drivesim.cli import export as export_cmds
+from drivesim.cli import rollout as rollout_cmds
 from drivesim.cli import sample as sample_cmds
 from drivesim.cli import scenario as scenario_cmds
 from drivesim.cli import train as train_cmds
@@ -37,6 +38,7 @@ app.command("encode")(encode_cmds.encode_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
 app.add_typer(scenario_cmds.app, name="scenario")
 app.command("export")(export_cmds.export_cmd)
+app.command("rollout", epilog=rollout_cmds.EPILOG)(rollout_cmds.rollout_cmd)
 
 err_console = Console(stderr=True)
 

@@ -165,6 +165,7 @@ def _tensor_collate(samples: list[dict]) -> dict:
 def build_image_ldm(preset, data_path, frames: str = "1"):
     """Image LDM (`preset.image_ldm`) + `LatentClipDataset(data_path, "train")` windows of `frames` frames."""
     from drivesim.datasets.latent_cache import LatentClipDataset
+
     from drivesim.models.image_ldm import ImageLDM
 
     try:
@@ -221,3 +222,31 @@ def build_interpolation(preset, data_path, image_ldm: str | None = None):
     model = _video_ldm_from_image(InterpolationLDM, cfg, image_ldm, "interpolation")
     dataset = InterpolationWindows(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate
+
+
+# ---- upsampler (issue 8) ---------------------------------------------------------------------------------------
+
+
+@register_stage("upsampler", help="x4 pixel-space video upsampler (noise-augmented low-res conditioning, temporal "
+                "layers) on random patches of clips of a clip-format dataset.",
+                options={"frames": "frames per training clip (default upsampler.chunk_frames)",
+                         "size": "HxW the high-resolution frames are resized to (default: the videos' own size)"})
+def build_upsampler(preset, data_path, frames: str | None = None, size: str | None = None):
+    """`Upsampler(preset.upsampler)` + `ClipDataset` clips of `frames` frames (hflip 0.5); the model crops random
+    `upsampler.patch_size` patches and makes the low resolution by area downsampling."""
+    from drivesim.datasets.torch_data import ClipDataset
+
+    from drivesim.models.upsampler import Upsampler
+
+    cfg = preset.upsampler
+    num_frames = _positive_int("frames", frames) if frames else cfg.chunk_frames
+    hw = None
+    if size:
+        try:
+            hw = tuple(int(v) for v in size.lower().split("x"))
+            if len(hw) != 2 or min(hw) < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--opt: size: expected HxW, e.g. 512x1024, got {size!r}") from None
+    dataset = ClipDataset(data_path, "train", num_frames=num_frames, size=hw, hflip_p=0.5)
+    return Upsampler(cfg), dataset, _tensor_collate

@@ -3,5 +3,6 @@
 import drivesim.autoencoder  # noqa: F401,E402  (autoencoder_kl, video_autoencoder)
 from drivesim.models import (
     image_ldm,  # noqa: E402,F401  (image_ldm)
+    upsampler,  # noqa: E402,F401  (video_upsampler)
     video_ldm,  # noqa: E402,F401  (prediction_ldm, interpolation_ldm)
 )

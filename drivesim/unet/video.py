@@ -135,6 +135,9 @@ class VideoUNet(nn.Module):
         temporal_config: which temporal layers, merge strategy, attention distance, `train_spatial`.
         context_input: add the context-frame machinery (mask channel, context replacement, per-frame time).
         num_stages: > 0 adds a stage-label embedding with that many stages (interpolation: 2).
+        spatial: optional pre-built `SpatialUNet` (subclass) to use instead of building one from `unet_config`
+            (the upsampler's adds a noise-level embedding); `new_prefixes` names its parameters that the image
+            U-Net lacks (always trainable).
 
     Attributes:
         spatial: the `SpatialUNet` (with the temporal layers inside its blocks' `temporal` dicts).
@@ -144,17 +147,21 @@ class VideoUNet(nn.Module):
     """
 
     def __init__(self, unet_config: UNetConfig, temporal_config: TemporalConfig, context_input: bool = False,
-                 num_stages: int = 0):
+                 num_stages: int = 0, spatial: SpatialUNet | None = None, new_prefixes: tuple[str, ...] = ()):
         super().__init__()
         check_temporal_config(temporal_config)
         self.unet_config = unet_config
         self.temporal_config = temporal_config
         self.context_input = context_input
         self.num_stages = num_stages
-        self.spatial = StageConditionedUNet(unet_config, num_stages) if num_stages else SpatialUNet(unet_config)
-        # names the image U-Net also has: frozen unless train_spatial (the stage table is new, hence trainable)
+        if spatial is None:  # `spatial`: a SpatialUNet subclass instance with extra embeddings (the upsampler's)
+            spatial = StageConditionedUNet(unet_config, num_stages) if num_stages else SpatialUNet(unet_config)
+        self.spatial = spatial
+        # names the image U-Net also has: frozen unless train_spatial (the stage table is new, hence trainable;
+        # so are parameters under `new_prefixes` of a given `spatial`)
+        new = ("stage_embedding.", *new_prefixes)
         self.spatial_parameter_names = frozenset(
-            f"spatial.{n}" for n, _ in self.spatial.named_parameters() if not n.startswith("stage_embedding."))
+            f"spatial.{n}" for n, _ in self.spatial.named_parameters() if not n.startswith(new))
         self.num_temporal_layers = self.spatial.insert_temporal_layers(self._make_layer)
         self.set_train_spatial(temporal_config.train_spatial)
 

@@ -1,0 +1,242 @@
+"""Rollout mechanics: plan arithmetic, streamed decode == one-shot chunked decode, SIGKILL + --resume gives the
+same latents and frames, clip-format output, sharding.
+
+The models are RANDOMLY INITIALISED tiny-preset models (`drivesim.rollout.init_checkpoint_dir`, output convs
+re-drawn so outputs depend on inputs): enough for the mechanics tested here, not for image quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from drivesim.datasets.clips import Box, read_annotation, read_manifest, read_video
+from drivesim.datasets.scenario import Scenario, save_scenario
+
+from drivesim.rollout import RolloutConfig, load_models, make_plan, shard, unit_generator
+
+STEPS = "steps=2"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> tuple[Path, Path]:
+    from drivesim.rollout import init_checkpoint_dir
+
+    root = tmp_path_factory.mktemp("stack")
+    init_checkpoint_dir(root / "ckpt", "tiny", seed=0)
+    frames = [[Box("1", "car", 5 + k % 12, 10, 25 + k % 12, 26), Box("2", "pedestrian", 40, 8, 46, 24)]
+              for k in range(15)]
+    save_scenario(Scenario(fps=10.0, width=64, height=32, night=1, crowdedness=1, frames=frames), root / "s.json")
+    return root / "ckpt", root / "s.json"
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    return env
+
+
+def _cmd(ckpt: Path, scenario: Path, out: Path, frames: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "drivesim.cli.main", "rollout", "--scenario", str(scenario), "--ckpt-dir",
+            str(ckpt), "--frames", str(frames), "--out", str(out), "--seed", "7", "--quiet", "--set", STEPS, *extra]
+
+
+def _latents(out: Path) -> np.ndarray:
+    return np.concatenate([np.load(f) for f in sorted((out / "latents").glob("frames_*.npy"))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pure arithmetic
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_models(pred_stride: int, interp_stride: int, interp_frames: int = 5, clip: int = 6):
+    ae = SimpleNamespace(config=SimpleNamespace(decode_chunk_frames=8, decode_chunk_overlap=2))
+    pred = SimpleNamespace(config=SimpleNamespace(frame_stride=pred_stride, num_frames=clip))
+    interp = SimpleNamespace(config=SimpleNamespace(frame_stride=interp_stride, num_frames=interp_frames))
+    return SimpleNamespace(autoencoder=ae, prediction=pred, interpolation=interp)
+
+
+@pytest.mark.parametrize("pred_stride, interp_stride, stages", [(4, 1, (1,)), (16, 1, (0, 1)), (1, 1, ())])
+def test_plan_stages_and_key_count(pred_stride, interp_stride, stages):
+    for n in (1, 2, 17, 100, 601):
+        plan = make_plan(_fake_models(pred_stride, interp_stride), RolloutConfig(), n, (128, 256))
+        assert plan.stages == stages
+        assert plan.key_spacing == pred_stride // interp_stride
+        # enough key frames to cover every output frame, and not one interval more than needed
+        assert (plan.num_keys - 1) * plan.key_spacing + 1 >= n
+        assert n == 1 or (plan.num_keys - 2) * plan.key_spacing + 1 < n
+        windows = plan.decode_windows
+        assert windows[0][0] == 0 and windows[-1][1] == n
+        # prediction units generate at least num_keys key frames
+        made = 1 + sum(plan.clip_length - (1 if u == 1 else 2) for u in range(1, plan.num_units))
+        assert made >= plan.num_keys
+
+
+def test_plan_two_key_windows_rounds_key_count():
+    plan = make_plan(_fake_models(4, 1, interp_frames=9), RolloutConfig(), 14, (32, 64))  # m = 2 intervals
+    assert plan.window_keys == 3 and (plan.num_keys - 1) % 2 == 0
+
+
+def test_plan_rejects_strides_that_are_not_x4_stages():
+    from drivesim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="frame_stride"):
+        make_plan(_fake_models(8, 1), RolloutConfig(), 10, (32, 64))
+
+
+def test_shard_assigns_each_item_exactly_once():
+    items = list(range(11))
+    for world in (1, 2, 3, 5):
+        parts = [shard(items, r, world) for r in range(world)]
+        assert sorted(sum(parts, [])) == items
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError):
+        shard(items, 2, 2)
+
+
+def test_unit_generators_are_independent_of_order():
+    a = torch.randn(4, generator=unit_generator(3, 5))
+    torch.randn(100, generator=unit_generator(3, 4))
+    assert torch.equal(a, torch.randn(4, generator=unit_generator(3, 5)))
+    assert not torch.equal(a, torch.randn(4, generator=unit_generator(3, 6)))
+    assert not torch.equal(a, torch.randn(4, generator=unit_generator(4, 5)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-process: streamed decode equals the one-shot chunked decode; memory state stays bounded
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_streamed_decode_equals_one_shot_decode(stack, tmp_path):
+    from drivesim.cli.rollout import make_cond_fn, prepare_scenario
+
+    from drivesim.rollout import Rollout, to_uint8
+
+    ckpt, scen = stack
+    torch.set_grad_enabled(False)
+    models = load_models(ckpt)
+    cfg = RolloutConfig(steps=1)
+    n = 23
+    plan = make_plan(models, cfg, n, (32, 64))
+    cond_fn = make_cond_fn(prepare_scenario(scen, cfg.fps, plan.cond_frames), 8)
+    written: list[np.ndarray] = []
+    sizes = []
+
+    def writer(path, frames, fps):
+        written.append(frames)
+
+    r = Rollout(models, cfg, cond_fn, n, tmp_path / "o", 0, writer, (32, 64),
+                progress=lambda *a: sizes.append((r.keys.shape[0], r.latents.shape[0])))
+    summary = r.run()
+    assert summary["complete"] and summary["frames_written"] == n
+    streamed = np.concatenate(written)
+    lat = torch.from_numpy(_latents(tmp_path / "o"))
+    assert lat.shape == (n, 4, 4, 8)
+    keys = np.concatenate([np.load(f) for f in sorted((tmp_path / "o" / "latents").glob("keys_*.npy"))])
+    assert np.array_equal(keys[:3], lat[::4][:3].numpy())  # key frames sit every key_spacing output frames
+    ref = to_uint8(models.autoencoder.decode_scaled(lat[None])[0])
+    assert streamed.shape == ref.shape
+    assert np.abs(streamed.astype(int) - ref.astype(int)).max() <= 1  # float summation order only
+    # working set: context window + current chunk, never the whole video
+    assert max(k for k, _ in sizes) <= plan.clip_length + 2
+    assert max(s for _, s in sizes) <= 8 + plan.key_spacing * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real subprocesses: SIGKILL mid-run, --resume, identical output; clip-format output; sharding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_then_resume_gives_identical_frames(stack, tmp_path):
+    ckpt, scen = stack
+    n = 30
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p_straight = subprocess.Popen(_cmd(ckpt, scen, straight, n), env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    p_killed = subprocess.Popen(_cmd(ckpt, scen, killed, n), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    state = killed / "state.json"
+    deadline = time.time() + 300
+    unit = 0
+    while time.time() < deadline and p_killed.poll() is None:
+        try:
+            unit = json.loads(state.read_text())["unit"]
+        except (OSError, ValueError, KeyError):
+            unit = 0
+        if unit >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(p_killed.pid, signal.SIGKILL)
+    p_killed.wait()
+    assert p_killed.returncode == -signal.SIGKILL, "the rollout finished before it could be killed"
+    meta = json.loads(state.read_text())
+    assert not meta["complete"] and 3 <= meta["unit"] < meta["num_units"]
+    assert not (killed / "manifest.json").exists() and not (killed / "rollout.mp4").exists()
+
+    again = subprocess.run(_cmd(ckpt, scen, killed, n), env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "--resume" in again.stderr  # never silently restarts over a killed run
+    resumed = subprocess.run(_cmd(ckpt, scen, killed, n, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed at unit" in resumed.stdout
+    out, _ = p_straight.communicate(timeout=300)
+    assert p_straight.returncode == 0, out
+
+    assert np.array_equal(_latents(straight), _latents(killed))
+    a, b = read_video(straight / "rollout.mp4"), read_video(killed / "rollout.mp4")  # PyAV decode: playable
+    assert a.shape == (n, 32, 64, 3) and np.array_equal(a, b)
+
+    # clip format: manifest + annotation readable by the clip readers (export / eval use them)
+    manifest = read_manifest(killed)
+    assert [c.clip_id for c in manifest.clips] == ["rollout"]
+    ann = read_annotation(killed / "rollout.json")
+    assert ann.num_frames == n and (ann.width, ann.height, ann.night) == (64, 32, 1)
+    assert [b.track_id for b in ann.frames[0]] == ["1", "2"]
+    assert ann.frames[16][0].x1 == pytest.approx(5 + 1)  # scenario looped after 15 frames (ids offset per loop)
+    record = json.loads((killed / "rollout_config.json").read_text())
+    assert record["config"]["steps"] == 2 and record["plan"]["stages"] == [1]
+    assert record["config"]["context_guidance"] == 1.1 and record["config"]["context_noise_level"] == 100
+    assert not (killed / "segments").exists()
+
+
+def test_resume_with_another_config_is_refused(stack, tmp_path):
+    ckpt, scen = stack
+    out = tmp_path / "o"
+    from drivesim.cli.main import main
+
+    assert main(["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "9", "--out", str(out),
+                 "--quiet", "--set", "steps=1"]) == 0
+    (out / "manifest.json").unlink()
+    rc = main(["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "9", "--out", str(out),
+               "--quiet", "--set", "steps=1", "--seed", "1", "--resume"])
+    assert rc == 1
+
+
+def test_scenarios_are_sharded_over_ranks(stack, tmp_path):
+    ckpt, scen = stack
+    folder = tmp_path / "scen"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.json").write_text(scen.read_text())
+    base = [sys.executable, "-m", "drivesim.cli.main", "rollout", "--scenarios", str(folder), "--ckpt-dir",
+            str(ckpt), "--frames", "1", "--out", str(tmp_path / "out"), "--quiet", "--json", "--set", "steps=1"]
+    done = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2")
+        r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        done.append({Path(x["scenario"]).stem: x["seed"] for x in json.loads(r.stdout)})
+    assert done == [{"a": 0, "c": 2}, {"b": 1}]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
+    assert all(read_video(tmp_path / "out" / s / "rollout.mp4").shape[0] == 1 for s in "abc")
