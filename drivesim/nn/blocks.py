@@ -152,11 +152,15 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, c, h, w) -> (N, c, h, w)."""
         h, w = x.shape[-2:]
-        qkv = self.qkv(self.norm(x))
-        q, k, v = rearrange(qkv, "n (three heads d) h w -> three n heads (h w) d", three=3, heads=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = rearrange(out, "n heads (h w) d -> n (heads d) h w", h=h, w=w)
-        return x + self.proj_out(out)
+        # The 1x1 convs run as linears on (h w) tokens with the same weights (checkpoints unchanged): on CPU the
+        # conv layout handed SDPA head-dim-strided q/k/v and made 1x1-conv backward slow, 2-7x the block's time
+        # (benchmarks/unet_vs_svd.py); results agree to float rounding.
+        tokens = rearrange(self.norm(x), "n c h w -> n (h w) c")
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = rearrange(qkv, "n l (three heads d) -> three n heads l d", three=3, heads=self.num_heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "n heads l d -> n l (heads d)")
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + rearrange(out, "n (h w) c -> n c h w", h=h, w=w)
 
 
 class Downsample(nn.Module):
