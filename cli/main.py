@@ -12,6 +12,7 @@ import click
 import typer
 from drivesim.cli import config as config_cmds
 from drivesim.cli import data as data_cmds
+from drivesim.cli import demo as demo_cmds
 from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
 from drivesim.cli import export as export_cmds
@@ -38,6 +39,7 @@ app.command("encode")(encode_cmds.encode_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
 app.add_typer(scenario_cmds.app, name="scenario")
 app.command("export")(export_cmds.export_cmd)
+app.command("demo", epilog=demo_cmds.EPILOG)(demo_cmds.demo_cmd)
 app.command("rollout", epilog=rollout_cmds.EPILOG)(rollout_cmds.rollout_cmd)
 
 err_console = Console(stderr=True)

@@ -1,0 +1,736 @@
+"""`drivesim demo`: the whole stack end to end on a clip-format dataset, resumable stage by stage.
+
+Stages, in order (`STEPS`); each writes under OUT (default runs/demo):
+
+    autoencoder     train/autoencoder/          KL-f8 image autoencoder (engine `train`, STAGES builder)
+    encode          latents.h5                  latent cache (`drivesim encode`; the scale factor goes into the
+                                                exported autoencoder, so the video decoder inherits it)
+    video_decoder   train/video_decoder/        video fine-tuning of the decoder (encoder frozen)
+    image_ldm       train/image_ldm/            box + day/night conditioned image LDM on the latent cache
+    prediction      train/prediction/           key-frame prediction model (temporal layers, frozen spatial)
+    interpolation   train/interpolation/        x4 interpolation model
+    scenarios       scenarios/{day,night}.json  val clips of each label chained to the rollout length
+    rollout         stack/ rollouts/{day,night}/ rollouts/clips/   `drivesim rollout` machinery (streamed,
+                                                resumable); stack/ is the checkpoint dir it expects
+    eval            eval/videos.json eval/fvd_over_time.json   FVD_16 / FID / KVD vs the val clips, FVD over time
+    report          report.html report.json     `drivesim report` engine + the run's preset, budgets, timings
+
+`demo_state.json` records every finished stage (config hash, wall time, what it produced). A stage is skipped
+when it is recorded as done with the same config hash and its output exists; a stage that was started with the
+same hash but not finished resumes (training from its latest checkpoint, a rollout with --resume); a stage whose
+hash changed starts again from scratch, and so does everything after it. `--from-stage S` re-runs S and the
+stages after it (their outputs are removed first) and reuses the finished stages before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from drivesim.errors import ConfigError, DataError
+
+STEPS = ("autoencoder", "encode", "video_decoder", "image_ldm", "prediction", "interpolation", "scenarios",
+         "rollout", "eval", "report")
+TRAIN_STEPS = ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation")
+STATE_FORMAT = "drivesim-demo-state"
+STATE_VERSION = 1
+
+# Minutes of CPU training per stage (TrainConfig.max_minutes); None keeps the preset's (tiny: max_steps only).
+# cpu-small: measured on the 2-core reference box so the whole demo (with ~2 x 2-minute rollouts and the
+# evaluation) stays under 30 minutes.
+DEFAULT_BUDGETS: dict[str, dict[str, float | None]] = {
+    "cpu-small": {"autoencoder": 3.5, "video_decoder": 1.5, "image_ldm": 4.5, "prediction": 3.0,
+                  "interpolation": 2.0},
+}
+# Per-preset demo settings: rollout minutes, sampler steps of every rollout model call, eval windows per side
+# (None: all val windows), FVD-over-time pooling, and rough minutes of the untimed stages (for the ETA only).
+DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"rollout_minutes": 0.06, "rollout_sets": [], "eval_n": 4, "pool": 1,
+             "estimate_min": {"autoencoder": 0.2, "encode": 0.3, "video_decoder": 0.2, "image_ldm": 0.1,
+                              "prediction": 0.1, "interpolation": 0.1, "scenarios": 0.01, "rollout": 0.3,
+                              "eval": 1.0, "report": 0.1}},
+    # 2 x 2 minutes at 10 fps is ~1500 U-Net calls per rollout even at 4 sampler steps without context guidance
+    # (7.5 GFLOP per 5-frame call at cpu-small): the most a 2-core CPU affords inside the 30-minute demo
+    "cpu-small": {"rollout_minutes": 2.0, "rollout_sets": ["steps=4", "context_guidance=1.0"], "eval_n": 16,
+                  "pool": 4,
+                  "estimate_min": {"encode": 1.0, "scenarios": 0.02, "rollout": 4.0, "eval": 5.0, "report": 0.3}},
+}
+FALLBACK_DEFAULTS = DEMO_DEFAULTS["cpu-small"]
+
+EPILOG = """\
+Examples:
+
+  drivesim demo                                  the cpu-small demo on data/sample (< 30 min on 2 CPU cores)
+  drivesim demo --preset tiny --out runs/tiny    the whole chain in a couple of minutes (CI smoke test)
+  drivesim demo --budget-minutes image_ldm=10 --budget-minutes prediction=8
+  drivesim demo --from-stage rollout --rollout-minutes 5    reuse the trained models, roll out again
+
+Run the same command again to continue after an interruption: finished stages are skipped, an interrupted
+training stage resumes from its last checkpoint and an interrupted rollout with --resume.
+"""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(root: Path) -> str:
+    """sha256 of the dataset's manifest and the names and sizes of its files (cheap; no video decoding)."""
+    h = hashlib.sha256((root / "manifest.json").read_bytes())
+    for f in sorted(root.iterdir()):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def parse_budgets(items: list[str]) -> dict[str, float]:
+    """`["image_ldm=6", ...]` -> {"image_ldm": 6.0}.
+
+    Raises:
+        ConfigError: not stage=minutes, a stage that does not train, or a non-positive number.
+    """
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in TRAIN_STEPS:
+            raise ConfigError(f"--budget-minutes: {item!r}: expected STAGE=MINUTES with STAGE one of "
+                              f"{', '.join(TRAIN_STEPS)}")
+        try:
+            value = float(raw)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--budget-minutes: {name}: expected a positive number of minutes, got {raw!r}") from None
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# state
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DemoState:
+    """`OUT/demo_state.json`: per stage {"status": "started" | "done", "hash", "started", "finished", "seconds",
+    "info"}; written atomically after every change."""
+
+    def __init__(self, out: Path):
+        self.path = out / "demo_state.json"
+        self.data: dict[str, Any] = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "stages": {}}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{self.path}: demo state: not valid JSON ({e}); remove it to start over") from None
+            if not isinstance(data, dict) or data.get("format") != STATE_FORMAT \
+                    or not isinstance(data.get("stages"), dict):
+                raise DataError(f"{self.path}: format: not a drivesim demo state; remove it or choose another --out")
+            self.data = data
+
+    @property
+    def stages(self) -> dict[str, dict[str, Any]]:
+        return self.data["stages"]
+
+    def save(self) -> None:
+        from drivesim.datasets.clips import write_json_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.data)
+
+    def is_done(self, name: str, digest: str) -> bool:
+        rec = self.stages.get(name)
+        return bool(rec) and rec.get("status") == "done" and rec.get("hash") == digest
+
+    def start(self, name: str, digest: str) -> None:
+        self.stages[name] = {"status": "started", "hash": digest, "started": _now()}
+        self.save()
+
+    def finish(self, name: str, seconds: float, info: dict[str, Any]) -> None:
+        rec = self.stages[name]
+        rec.update({"status": "done", "finished": _now(), "seconds": round(seconds, 2), "info": info})
+        self.save()
+
+    def drop(self, name: str) -> None:
+        if self.stages.pop(name, None) is not None:
+            self.save()
+
+
+def _to_frame(scenario, resolution):
+    """The scenario with its boxes in the pixel frame of the rolled-out video ((h, w) = `resolution`): the
+    rollout writes the scenario's boxes as the labels of its frames, so both must share one pixel frame."""
+    h, w = resolution
+    if (scenario.height, scenario.width) == (h, w):
+        return scenario
+    sx, sy = w / scenario.width, h / scenario.height
+    frames = [[dataclasses.replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in boxes]
+              for boxes in scenario.frames]
+    return dataclasses.replace(scenario, width=w, height=h, frames=frames)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluation helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def memoized_extractors(ex):
+    """Wrap `Extractors` so each distinct clip / frame is embedded once per demo (the real val windows are
+    shared by FVD_16 and FVD over time, and the drawn rollout windows by both)."""
+    import numpy as np
+    from drivesim.eval.protocols import Extractors
+
+    def memo(fn, cache: dict):
+        def call(x):
+            x = np.asarray(x)
+            keys = [hashlib.sha1(np.ascontiguousarray(item).tobytes()).hexdigest() for item in x]
+            todo = [i for i, k in enumerate(keys) if k not in cache]
+            if todo:
+                feats = np.asarray(fn(x[todo]))
+                for i, f in zip(todo, feats, strict=True):
+                    cache[keys[i]] = f
+            return np.stack([cache[k] for k in keys])
+        return call
+
+    return Extractors(memo(ex.video, {}), memo(ex.frame, {}), ex.info)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    data: Path
+    preset_name: str
+    out: Path
+    from_stage: str | None
+    budgets: dict[str, float | None]
+    rollout_minutes: float
+    rollout_sets: list[str]
+    eval_n: int | None
+    pool: int
+    seed: int
+    quiet: bool
+    as_json: bool
+    estimate_min: dict[str, float]
+
+
+class Demo:
+    def __init__(self, s: DemoSettings):
+        from rich.console import Console
+
+        from drivesim.configs import get_preset
+
+        self.s = s
+        self.preset = get_preset(s.preset_name)
+        # --json keeps stdout for the summary: stage logs go to stderr
+        self.console = Console(stderr=s.as_json, quiet=s.quiet, soft_wrap=True, highlight=False)
+        self.state = DemoState(s.out)
+        self.hashes: dict[str, str] = {}
+        self.t_start = time.monotonic()
+        self.data_fp = data_fingerprint(s.data)
+
+    # ---- config hashes -------------------------------------------------------------------------------------
+    def train_cfg(self, name: str):
+        tc = self.preset.train[name]
+        budget = self.s.budgets.get(name)
+        return dataclasses.replace(tc, max_minutes=budget if budget is not None else tc.max_minutes,
+                                   seed=tc.seed + self.s.seed)
+
+    def rollout_config(self):
+        from drivesim.cli.rollout import resolve_config
+
+        fps = self._data_fps() / self.preset.interpolation.frame_stride
+        h, w = self.preset.resolution
+        return resolve_config(None, [f"fps={fps}", f"resolution=[{h}, {w}]", *self.s.rollout_sets], False)
+
+    def _data_fps(self) -> float:
+        from drivesim.datasets.clips import read_annotation, read_manifest
+
+        entries = read_manifest(self.s.data).clips
+        return float(read_annotation(entries[0].annotation).fps)
+
+    def stage_hash(self, name: str) -> str:
+        from drivesim.configs import to_dict
+
+        p = self.preset
+        prev = {STEPS[i]: self.hashes.get(STEPS[i]) for i in range(STEPS.index(name))}
+        parts: dict[str, Any] = {"stage": name, "preset": self.s.preset_name}
+        if name == "autoencoder":
+            parts |= {"data": self.data_fp, "model": to_dict(p.autoencoder), "resolution": list(p.resolution),
+                      "train": to_dict(self.train_cfg(name))}
+        elif name == "encode":
+            parts |= {"up": prev["autoencoder"], "resolution": list(p.resolution)}
+        elif name == "video_decoder":
+            parts |= {"up": prev["encode"], "model": to_dict(p.autoencoder), "train": to_dict(self.train_cfg(name))}
+        elif name == "image_ldm":
+            parts |= {"up": prev["encode"], "model": to_dict(p.image_ldm), "train": to_dict(self.train_cfg(name))}
+        elif name in ("prediction", "interpolation"):
+            parts |= {"up": prev["image_ldm"], "model": to_dict(getattr(p, name)),
+                      "train": to_dict(self.train_cfg(name))}
+        elif name == "scenarios":
+            cfg = self.rollout_config()
+            parts |= {"data": self.data_fp, "minutes": self.s.rollout_minutes, "fps": cfg.fps,
+                      "resolution": list(cfg.resolution)}
+        elif name == "rollout":
+            parts |= {"up": [prev[k] for k in ("video_decoder", "image_ldm", "prediction", "interpolation",
+                                               "scenarios")],
+                      "config": to_dict(self.rollout_config()), "seed": self.s.seed}
+        elif name == "eval":
+            parts |= {"up": prev["rollout"], "n": self.s.eval_n, "pool": self.s.pool, "seed": self.s.seed}
+        else:
+            parts |= {"up": prev}
+        return _sha(parts)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    def stage_outputs(self, name: str) -> list[Path]:
+        o = self.s.out
+        return {"autoencoder": [o / "train" / "autoencoder"], "encode": [o / "latents.h5"],
+                "video_decoder": [o / "train" / "video_decoder"], "image_ldm": [o / "train" / "image_ldm"],
+                "prediction": [o / "train" / "prediction"], "interpolation": [o / "train" / "interpolation"],
+                "scenarios": [o / "scenarios"], "rollout": [o / "stack", o / "rollouts"], "eval": [o / "eval"],
+                "report": [o / "report.html", o / "report.json"]}[name]
+
+    def _remove_outputs(self, name: str) -> None:
+        for p in self.stage_outputs(name):
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+
+    def _outputs_exist(self, name: str) -> bool:
+        info = self.state.stages.get(name, {}).get("info", {})
+        checks = [Path(info["export"])] if "export" in info else self.stage_outputs(name)
+        if name == "eval" and info.get("skipped"):
+            return True
+        return all(p.exists() for p in checks)
+
+    def eta_text(self, index: int) -> str:
+        left = 0.0
+        for name in STEPS[index:]:
+            if self.state.is_done(name, self.hashes.get(name, "")):
+                continue
+            budget = self.train_cfg(name).max_minutes if name in TRAIN_STEPS else None
+            left += (budget + 0.3) if budget is not None else self.s.estimate_min.get(name, 0.5)
+        done_at = _dt.datetime.now(_dt.UTC) + _dt.timedelta(minutes=left)
+        return f"about {left:.0f} min left (done ~{done_at:%H:%M} UTC)" if left >= 1 else "about 1 min left"
+
+    # ---- main loop -----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        s = self.s
+        s.out.mkdir(parents=True, exist_ok=True)
+        self.state.data.update({"preset": s.preset_name, "data": str(s.data), "seed": s.seed})
+        start_idx = STEPS.index(s.from_stage) if s.from_stage else 0
+        redo = False  # once a stage runs, every later one runs too (its inputs changed)
+        for i, name in enumerate(STEPS):
+            digest = self.stage_hash(name)
+            self.hashes[name] = digest
+            done = self.state.is_done(name, digest) and self._outputs_exist(name)
+            forced = s.from_stage is not None and i >= start_idx
+            if i < start_idx and not done:
+                raise ConfigError(f"--from-stage {s.from_stage}: stage {name} before it is not finished in "
+                                  f"{s.out} (or its config changed); run without --from-stage")
+            if done and not redo and not forced:
+                self._say_skip(i, name)
+                continue
+            rec = self.state.stages.get(name) or {}
+            resumable = rec.get("status") == "started" and rec.get("hash") == digest and not redo and not forced
+            if not resumable:
+                self._remove_outputs(name)
+            redo = True
+            self.state.start(name, digest)
+            self.console.rule(f"[bold]{i + 1}/{len(STEPS)} {name}[/bold]  ({self.eta_text(i)})", align="left")
+            t0 = time.monotonic()
+            with self._stdout():
+                info = getattr(self, f"_run_{name}")(resumable)
+            seconds = time.monotonic() - t0
+            self.state.finish(name, seconds, info)
+            self.console.print(f"[green]{name} done[/green] in {seconds / 60:.1f} min", highlight=False)
+        return self.summary()
+
+    def _say_skip(self, i: int, name: str) -> None:
+        rec = self.state.stages[name]
+        self.console.print(f"[dim]{i + 1}/{len(STEPS)} {name}: reusing the finished stage "
+                           f"({rec.get('seconds', 0):.0f} s "
+                           f"on {rec.get('finished', '?')})[/dim]", highlight=False)
+
+    @contextlib.contextmanager
+    def _stdout(self):
+        """Stage output (training logs, typer.echo) goes to stderr with --json and nowhere with --quiet."""
+        if self.s.quiet:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                yield
+        elif self.s.as_json:
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        else:
+            yield
+
+    # ---- training stages -----------------------------------------------------------------------------------
+    def _train(self, name: str, data_path: Path, **opts: str) -> dict[str, Any]:
+        import torch
+        from drivesim.cli.stages import get_stage
+
+        from drivesim.configs import dump_yaml
+        from drivesim.training.loop import train, validate_train_config
+
+        tc = self.train_cfg(name)
+        validate_train_config(tc)
+        preset = dataclasses.replace(self.preset, train={**self.preset.train, name: tc})
+        run_dir = self.s.out / "train" / name
+        budget = f"{tc.max_minutes:g} min" if tc.max_minutes else f"{tc.max_steps} steps"
+        self.console.print(f"training {name} (preset {self.s.preset_name}, budget {budget}, at most "
+                           f"{tc.max_steps} steps, batch {tc.batch_size}) -> {run_dir}", highlight=False)
+        torch.manual_seed(tc.seed)
+        model, dataset, collate = get_stage(name).build(preset, data_path, **opts)
+        dump_yaml(preset, run_dir / f"config-{name}.yaml")
+        result = train(model, dataset, tc, run_dir, collate_fn=collate, resume=True,
+                       progress=not (self.s.quiet or self.s.as_json))
+        # the EMA average only helps once it has seen a few of its time constants of updates
+        use_ema = result.ema_export_dir is not None and tc.ema_decay > 0 and result.step >= 2 / (1 - tc.ema_decay)
+        export = result.ema_export_dir if use_ema else result.export_dir
+        return {"export": str(export), "weights": "EMA" if use_ema else "live", "steps": result.step,
+                "stop_reason": result.stop_reason, "steps_per_s": round(result.steps_per_s, 3),
+                "train_seconds": round(result.elapsed_s, 1),
+                "final_loss": None if result.final_loss is None else round(float(result.final_loss), 5),
+                "budget_minutes": tc.max_minutes, "max_steps": tc.max_steps, "batch_size": tc.batch_size}
+
+    def _export(self, name: str) -> Path:
+        return Path(self.state.stages[name]["info"]["export"])
+
+    def _run_autoencoder(self, resume: bool) -> dict:
+        return self._train("autoencoder", self.s.data)
+
+    def _run_encode(self, resume: bool) -> dict:
+        from drivesim.cli.encode import encode_cmd
+
+        out = self.s.out / "latents.h5"
+        h, w = self.preset.resolution
+        self.console.print(f"encoding every clip of {self.s.data} with {self._export('autoencoder')} -> {out}",
+                           highlight=False)
+        encode_cmd(ae=self._export("autoencoder"), data=self.s.data, out=out, size=f"{h}x{w}", sample=False,
+                   scale="auto", scale_frames=512, batch_frames=16, dtype="float16", device="cpu")
+        return {"cache": str(out), "bytes": out.stat().st_size}
+
+    def _run_video_decoder(self, resume: bool) -> dict:
+        return self._train("video_decoder", self.s.data, autoencoder=str(self._export("autoencoder")))
+
+    def _run_image_ldm(self, resume: bool) -> dict:
+        return self._train("image_ldm", self.s.out / "latents.h5")
+
+    def _run_prediction(self, resume: bool) -> dict:
+        return self._train("prediction", self.s.out / "latents.h5", image_ldm=str(self._export("image_ldm")))
+
+    def _run_interpolation(self, resume: bool) -> dict:
+        return self._train("interpolation", self.s.out / "latents.h5", image_ldm=str(self._export("image_ldm")))
+
+    # ---- scenarios, rollouts -------------------------------------------------------------------------------
+    def _run_scenarios(self, resume: bool) -> dict:
+        from drivesim.datasets import scenario as sc
+        from drivesim.datasets.clips import read_annotation, read_manifest
+
+        cfg = self.rollout_config()
+        num_frames = self.num_frames(cfg)
+        entries = read_manifest(self.s.data).clips
+        anns = {"val": [read_annotation(e.annotation) for e in entries if e.split == "val"],
+                "train": [read_annotation(e.annotation) for e in entries if e.split == "train"]}
+        folder = self.s.out / "scenarios"
+        folder.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {"num_frames": num_frames, "fps": cfg.fps}
+        for label, night in (("day", 0), ("night", 1)):
+            picked, split, relabelled = [a for a in anns["val"] if a.night == night], "val", False
+            if not picked:
+                picked, split = [a for a in anns["train"] if a.night == night], "train"
+            if not picked:  # the dataset has no clip with this label: condition the val boxes on it anyway
+                picked, split, relabelled = anns["val"] or anns["train"], "val" if anns["val"] else "train", True
+            scen = [sc.Scenario.from_clip(a) for a in picked]
+            if relabelled:
+                scen = [dataclasses.replace(x, night=night) for x in scen]
+            scen = [_to_frame(sc.resample(x, cfg.fps) if x.fps != cfg.fps else x, cfg.resolution) for x in scen]
+            full = sc.extend(scen, num_frames, "chain")
+            full = dataclasses.replace(full, source=f"drivesim demo: {label}, {split} clips "
+                                       f"{', '.join(a.clip_id for a in picked)} chained to {num_frames} frames"
+                                       + (f" (night label set to {night} by the demo)" if relabelled else ""))
+            sc.save_scenario(full, folder / f"{label}.json")
+            info[label] = {"clips": [a.clip_id for a in picked], "split": split, "relabelled": relabelled,
+                           "boxes": sum(len(b) for b in full.frames)}
+            self.console.print(f"{folder / (label + '.json')}: {len(picked)} {split} clip(s) chained to "
+                               f"{num_frames} frames ({num_frames / cfg.fps / 60:.1f} min at {cfg.fps:g} fps)"
+                               + (" [yellow](label set by the demo: no clip has it)[/yellow]" if relabelled else ""),
+                               highlight=False)
+        return info
+
+    def num_frames(self, cfg) -> int:
+        return max(1, round(self.s.rollout_minutes * 60 * cfg.fps))
+
+    def _link_stack(self) -> Path:
+        stack = self.s.out / "stack"
+        stack.mkdir(parents=True, exist_ok=True)
+        for name, stage in (("autoencoder", "video_decoder"), ("image_ldm", "image_ldm"),
+                            ("prediction", "prediction"), ("interpolation", "interpolation")):
+            link = stack / name
+            if link.is_symlink() or link.exists():
+                if link.is_symlink() or link.is_file():
+                    link.unlink()
+                else:
+                    shutil.rmtree(link)
+            target = self._export(stage).resolve()
+            try:
+                link.symlink_to(os.path.relpath(target, stack))
+            except OSError:  # file systems without symlinks
+                shutil.copytree(target, link)
+        return stack
+
+    def _run_rollout(self, resume: bool) -> dict:
+        import torch
+        from drivesim.cli.rollout import CLIP_ID, run_one
+        from drivesim.datasets.clips import read_annotation, write_json_atomic, write_manifest
+
+        from drivesim.rollout import load_models
+
+        cfg = self.rollout_config()
+        num_frames = self.num_frames(cfg)
+        stack = self._link_stack()
+        torch.set_grad_enabled(False)
+        try:
+            models = load_models(stack)
+            info: dict[str, Any] = {"ckpt_dir": str(stack), "num_frames": num_frames, "fps": cfg.fps,
+                                    "steps": cfg.steps, "context_guidance": cfg.context_guidance,
+                                    "context_noise_level": cfg.context_noise_level, "config": dataclasses.asdict(cfg)}
+            clips_dir = self.s.out / "rollouts" / "clips"
+            for k, label in enumerate(("day", "night")):
+                out = self.s.out / "rollouts" / label
+                done = (out / "manifest.json").is_file()
+                again = (out / "state.json").is_file()
+                self.console.print(f"rollout {label}: {num_frames} frames ({num_frames / cfg.fps / 60:.1f} min at "
+                                   f"{cfg.fps:g} fps, {cfg.steps or 'default'} sampler steps) -> {out}"
+                                   + (" (finished earlier)" if done else " (resuming)" if again else ""),
+                                   highlight=False)
+                t0 = time.monotonic()
+                summary = run_one(self.s.out / "scenarios" / f"{label}.json", models, cfg, out, self.s.seed + k,
+                                  num_frames, again, stack, progress=not (self.s.quiet or self.s.as_json))
+                info[label] = {"seconds": round(time.monotonic() - t0, 1), "video": str(out / f"{CLIP_ID}.mp4"),
+                               "frames_written": summary.get("frames_written"), "units": summary.get("units"),
+                               "resumed_from": summary.get("resumed_from")}
+                # the clip-format folder the evaluation and the report read: both rollouts, ids day / night
+                clips_dir.mkdir(parents=True, exist_ok=True)
+                ann = read_annotation(out / f"{CLIP_ID}.json").to_json()
+                ann["id"] = label
+                write_json_atomic(clips_dir / f"{label}.json", ann)
+                tmp = clips_dir / f".{label}.mp4.tmp"
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(out / f"{CLIP_ID}.mp4", tmp)
+                except OSError:
+                    shutil.copyfile(out / f"{CLIP_ID}.mp4", tmp)
+                os.replace(tmp, clips_dir / f"{label}.mp4")
+            write_manifest(clips_dir, [("day", "val"), ("night", "val")], source="drivesim demo rollouts",
+                           command="drivesim demo", seed=self.s.seed)
+        finally:
+            torch.set_grad_enabled(True)
+        return info
+
+    # ---- evaluation, report --------------------------------------------------------------------------------
+    def _run_eval(self, resume: bool) -> dict:
+        from drivesim.eval.protocols import (
+            default_extractors,
+            evaluate_videos,
+            fvd_over_time,
+            list_videos,
+            list_windows,
+            write_result,
+        )
+
+        from drivesim.errors import WeightsError
+
+        try:
+            ex = memoized_extractors(default_extractors())
+        except WeightsError as e:
+            self.console.print(f"[yellow]evaluation skipped:[/yellow] {e}", highlight=False)
+            return {"skipped": f"evaluator weights absent: {e}"}
+        folder = self.s.out / "eval"
+        fake = self.s.out / "rollouts" / "clips"
+        real_windows = len(list_windows(list_videos(self.s.data, "val"))[0])
+        fake_windows = len(list_windows(list_videos(fake))[0])
+        # N is what both sides have at most: all windows (None) when the smaller side has no more than N
+        n = self.s.eval_n if self.s.eval_n and self.s.eval_n < min(real_windows, fake_windows) else None
+        n_real = self.s.eval_n if self.s.eval_n and self.s.eval_n < real_windows else None
+        self.console.print(f"FVD_16 / FID / KVD_16: rollouts (day + night, {fake_windows} windows) vs the val clips "
+                           f"of {self.s.data} ({real_windows} windows), N = "
+                           f"{n or min(real_windows, fake_windows)} windows per side", highlight=False)
+        videos = evaluate_videos(self.s.data, fake, n=n, num_runs=1, seed=self.s.seed, split="val",
+                                 extractors=ex)
+        videos["label"] = "demo rollouts (day + night) vs val clips"
+        write_result(folder / "videos.json", videos)
+        self.console.print(f"FVD over time along the rollouts (pool {self.s.pool})", highlight=False)
+        curve = fvd_over_time([fake], self.s.data, pool=self.s.pool, n_real=n_real, seed=self.s.seed,
+                              split="val", extractors=ex)
+        curve["label"] = "demo rollouts (day + night): FVD over time"
+        write_result(folder / "fvd_over_time.json", curve)
+        m = videos["metrics"]
+        return {"fvd": m["fvd"]["mean"], "fid": m["fid"]["mean"], "kvd": m["kvd"]["mean"], "n": videos["protocol"]["n"],
+                "fvd_over_time": curve["curve_points"], "results": [str(folder / "videos.json"),
+                                                                    str(folder / "fvd_over_time.json")]}
+
+    def _run_report(self, resume: bool) -> dict:
+        from drivesim.eval.protocols import read_result
+        from drivesim.eval.report import build_report
+
+        ev = self.state.stages["eval"]["info"]
+        results = [read_result(p) for p in ev.get("results", [])]
+        specs = [{"label": "rollouts", "dataset": str(self.s.out / "rollouts" / "clips"), "split": None,
+                  "clips": None, "max_clips": 2},
+                 {"label": "real val clips", "dataset": str(self.s.data), "split": "val", "clips": None,
+                  "max_clips": 2}]
+        out = self.s.out / "report.html"
+        title = f"drivesim demo report (preset {self.s.preset_name})"
+        report = build_report(results, specs, out, title=title)
+        run = self.run_record()
+        add_demo_section(out, run)
+        report["demo"] = run
+        from drivesim.datasets.clips import write_json_atomic
+
+        write_json_atomic(out.parent / "report.json", report)
+        return {"html": str(out), "json": str(out.parent / "report.json")}
+
+    def run_record(self) -> dict[str, Any]:
+        """What produced the numbers: preset, budgets, steps reached, timings (goes into the report)."""
+        import torch
+
+        stages = {}
+        for name in STEPS:
+            rec = self.state.stages.get(name, {})
+            stages[name] = {"seconds": rec.get("seconds"), "finished": rec.get("finished"),
+                            **{k: v for k, v in rec.get("info", {}).items()
+                               if k not in ("fvd_over_time", "config", "results")}}
+        return {"preset": self.s.preset_name, "data": str(self.s.data), "seed": self.s.seed,
+                "budget_minutes": {n: self.train_cfg(n).max_minutes for n in TRAIN_STEPS},
+                "rollout_minutes": self.s.rollout_minutes, "rollout_settings": self.s.rollout_sets,
+                "eval_windows_per_side": self.s.eval_n, "stages": stages,
+                "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "cuda": torch.cuda.is_available()},
+                "note": (f"Models trained for minutes on {'a GPU' if torch.cuda.is_available() else 'CPU'} with "
+                         f"preset {self.s.preset_name}: they are weak, and these numbers measure that stack, not the "
+                         "method at paper scale (paper: 512x1024, days of multi-GPU training).")}
+
+    def summary(self) -> dict[str, Any]:
+        run = self.run_record()
+        run["wall_seconds_this_call"] = round(time.monotonic() - self.t_start, 1)
+        run["report"] = str(self.s.out / "report.html")
+        run["report_json"] = str(self.s.out / "report.json")
+        ev = self.state.stages.get("eval", {}).get("info", {})
+        run["metrics"] = {k: ev.get(k) for k in ("fvd", "fid", "kvd", "n")} if not ev.get("skipped") else None
+        return run
+
+
+def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
+    """Insert a "How these numbers were produced" section (preset, budgets, steps, timings) below the title of
+    the report page, rewriting it atomically."""
+    import html as _html
+
+    e = _html.escape
+    rows = []
+    for name in STEPS:
+        st = run["stages"].get(name, {})
+        secs = st.get("seconds")
+        what = ""
+        if name in TRAIN_STEPS and "steps" in st:
+            budget = st.get("budget_minutes")
+            what = (f"{st['steps']} steps ({st.get('stop_reason')}; budget "
+                    f"{f'{budget:g} min' if budget else str(st.get('max_steps')) + ' steps'}, batch "
+                    f"{st.get('batch_size')}), {st.get('steps_per_s')} steps/s, final loss {st.get('final_loss')}, "
+                    f"{st.get('weights')} weights")
+        elif name == "rollout" and "num_frames" in st:
+            what = (f"2 rollouts (day, night) of {st['num_frames']} frames at {st['fps']:g} fps, "
+                    f"{st.get('steps') or 'default (preset)'} sampler steps, context guidance "
+                    f"{st.get('context_guidance')}, context perturbation level {st.get('context_noise_level')}")
+        elif name == "eval":
+            what = e(st["skipped"]) if st.get("skipped") else f"N = {st.get('n')} windows of 16 frames per side"
+        rows.append(f"<tr><td>{e(name)}</td><td style='text-align:right'>"
+                    f"{'-' if secs is None else f'{secs / 60:.1f} min'}</td><td>{e(what) if name != 'eval' else what}"
+                    "</td></tr>")
+    total = sum(st.get("seconds") or 0 for st in run["stages"].values())
+    section = (
+        "<section id='demo-run'><h2>How these numbers were produced</h2>"
+        f"<p><b>drivesim demo</b>, preset <b>{e(run['preset'])}</b> on <span class='mono'>{e(run['data'])}</span>, "
+        f"seed {run['seed']}; machine: {run['machine']['cpus']} CPU core(s), torch threads "
+        f"{run['machine']['torch_threads']}, CUDA {'yes' if run['machine']['cuda'] else 'no'}. "
+        f"Total wall time of the stages: {total / 60:.1f} min.</p>"
+        f"<p class='caveat'>{e(run['note'])}</p>"
+        "<table><tr><th>stage</th><th>wall time</th><th>what ran</th></tr>" + "".join(rows) + "</table></section>")
+    page = html_path.read_text(encoding="utf-8")
+    marker = page.find("<h2")
+    page = page[:marker] + section + page[marker:] if marker >= 0 else page.replace("</body>", section + "</body>")
+    tmp = html_path.with_name(f".{html_path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, html_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def demo_cmd(
+    data: Path = typer.Option(Path("data/sample"), "--data", help="Clip-format dataset (train + val splits)."),
+    preset: str = typer.Option("cpu-small", "--preset", "-p", help="Preset: tiny (CI smoke test, minutes), "
+                                                                   "cpu-small (< 30 min on 2 CPU cores)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder (resumable)."),
+    from_stage: str = typer.Option(None, "--from-stage", help=f"Re-run from this stage: {', '.join(STEPS)}."),
+    budgets: list[str] = typer.Option([], "--budget-minutes", help="STAGE=MINUTES training budget, repeatable "
+                                      f"({', '.join(TRAIN_STEPS)})."),
+    rollout_minutes: float = typer.Option(None, "--rollout-minutes", help="Length of each rollout (default: 2 "
+                                          "for cpu-small, 0.06 for tiny)."),
+    rollout_sets: list[str] = typer.Option(None, "--rollout-set", help="RolloutConfig override key=value, "
+                                           "repeatable (default for cpu-small: steps=4, context_guidance=1.0; "
+                                           "see drivesim rollout)."),
+    eval_n: int = typer.Option(None, "--eval-n", min=2, help="16-frame windows per side for FVD/FID/KVD "
+                               "(default: 16 for cpu-small, 4 for tiny)."),
+    seed: int = typer.Option(0, "--seed", help="Added to every training seed; rollout seeds are seed, seed + 1."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (stage logs go to stderr)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; only where the report is."),
+) -> None:
+    """Train the whole stack on DATA, roll out a day and a night video, evaluate them and write report.html."""
+    from drivesim.configs import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
+    if from_stage is not None and from_stage not in STEPS:
+        raise ConfigError(f"--from-stage: unknown stage {from_stage!r} (stages: {', '.join(STEPS)})")
+    if not (data / "manifest.json").is_file():
+        raise DataError(f"{data}: --data: no manifest.json (a clip-format dataset; the committed sample is "
+                        "data/sample)")
+    if rollout_minutes is not None and not (math.isfinite(rollout_minutes) and rollout_minutes > 0):
+        raise ConfigError(f"--rollout-minutes: must be positive, got {rollout_minutes}")
+    defaults = DEMO_DEFAULTS.get(preset, FALLBACK_DEFAULTS)
+    budget_map: dict[str, float | None] = dict(DEFAULT_BUDGETS.get(preset, {}))
+    budget_map.update(parse_budgets(budgets))
+    settings = DemoSettings(
+        data=data, preset_name=preset, out=out, from_stage=from_stage, budgets=budget_map,
+        rollout_minutes=rollout_minutes if rollout_minutes is not None else defaults["rollout_minutes"],
+        rollout_sets=list(rollout_sets) if rollout_sets else list(defaults["rollout_sets"]),
+        eval_n=eval_n if eval_n is not None else defaults["eval_n"], pool=defaults["pool"], seed=seed,
+        quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"])
+    summary = Demo(settings).run()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, default=str))
+        return
+    m = summary["metrics"]
+    if m and not quiet:
+        typer.echo(f"FVD_16 {m['fvd']:.2f}  FID {m['fid']:.2f}  KVD_16 {m['kvd']:.4f}  (N = {m['n']} windows of 16 "
+                   "frames per side; preset " + f"{preset})")
+    typer.echo(f"report: {summary['report']}  (data: {summary['report_json']})")
