@@ -300,6 +300,8 @@ def rollout_cmd(
     upsample: bool = typer.Option(False, "--upsample", help="Run the x4 video upsampler (D/upsampler)."),
     config: Path = typer.Option(None, "--config", help="RolloutConfig YAML."),
     sets: list[str] = typer.Option([], "--set", help="RolloutConfig override key=value, repeatable."),
+    device: str = typer.Option("cpu", "--device", help="torch device of the models, e.g. cuda (noise is drawn on "
+                                                       "the CPU; resume on the same device for identical frames)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -318,7 +320,7 @@ def rollout_cmd(
     cfg = resolve_config(config, sets, upsample)
     num_frames = frames if frames is not None else max(1, round(minutes * 60 * cfg.fps))
     torch.set_grad_enabled(False)
-    models = load_models(ckpt_dir, upsample=cfg.upsample)
+    models = load_models(ckpt_dir, upsample=cfg.upsample, device=device)
     if scenario is not None:
         jobs = [(scenario, out, seed)]
     else:

@@ -565,7 +565,7 @@ class Rollout:
         out = []
         while self.window < len(windows) and windows[self.window][1] <= self.lat_done:
             s, e = windows[self.window]
-            lat = self.latents[s - self.lat_base:e - self.lat_base][None]
+            lat = self.latents[s - self.lat_base:e - self.lat_base][None].to(next(ae.parameters()).device)
             rec = ae.decode_scaled(lat, num_frames=e - s)[0].float().cpu()
             w = _crossfade(windows, self.window)
             # partial sums cover [final, ...); extend to this window's end
