@@ -21,6 +21,7 @@ clips and channels of the std over time of the per-frame spatial mean (the offse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def measures(z: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     from drivesim.cli.main import main as cli
     from drivesim.datasets.latent_cache import LatentClipDataset
-    from video_ldm_temporal import generate
+    from video_ldm_temporal import fill_keys, generate, predict_keys
 
     import drivesim
     from drivesim.nn.temporal import AlphaBlender, force_alpha_one
@@ -81,17 +82,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--val-clips", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-only", action="store_true", help="re-evaluate the models already in OUT")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     size = tuple(int(v) for v in args.size.split("x"))
-    cache = make_cache(args.out / "latents.h5", args.clips, args.val_clips, size=size)
+    cache = args.out / "latents.h5"
+    if not args.eval_only:
+        make_cache(cache, args.clips, args.val_clips, size=size)
     max_steps = dict(zip(("image_ldm", "prediction", "interpolation"), args.train_steps.split(","), strict=True))
     common = ["--preset", "tiny", "--data", str(cache), "--max-minutes", str(args.minutes),
               "--no-progress", "--set", f"train.lr={args.lr}", "--set", "train.ema_decay=0.99"]
     timings = {}
+    if args.eval_only:
+        max_steps = {}
     from_image = ["--set", "train.batch_size=8", "--opt", f"image_ldm={args.out / 'image_ldm'}"]
     for stage, extra in (("image_ldm", ["--set", "train.batch_size=32"]), ("prediction", from_image),
-                         ("interpolation", from_image)):
+                         ("interpolation", from_image))[:len(max_steps)]:
         t0 = time.time()
         if cli(["train", stage, "--out", str(args.out / stage), "--max-steps", max_steps[stage], *common, *extra]):
             raise SystemExit(f"training {stage} failed")
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_grad_enabled(False)
     report_steps = {}
-    for stage in max_steps:
+    for stage in ("image_ldm", "prediction", "interpolation"):
         ckpts = sorted((args.out / stage / "checkpoints").glob("step_*"))
         report_steps[stage] = int(ckpts[-1].name.split("_")[1]) if ckpts else None
     pred = drivesim.load(args.out / "prediction" / "model-ema")
@@ -112,10 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
     items = [val[i] for i in indices]
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
     out = {"real": batch["latents"][:, :16].numpy()}
+    real_keys = batch["latents"][:, [0, 4, 8, 12, 16]].float()
+    out["keys_real"] = real_keys.numpy()
     t0 = time.time()
-    out["video"] = generate(pred, interp, batch, args.steps, 0, None, None)[:, :16].numpy()
-    with force_alpha_one(pred), force_alpha_one(interp):
-        out["alpha1"] = generate(pred, interp, batch, args.steps, 0, None, None)[:, :16].numpy()
+    for name in ("video", "alpha1"):  # whole pipeline; prediction alone; interpolation alone (real key frames)
+        with force_alpha_one(pred) if name == "alpha1" else contextlib.nullcontext(), \
+                force_alpha_one(interp) if name == "alpha1" else contextlib.nullcontext():
+            out[name] = generate(pred, interp, batch, args.steps, 0, None, None)[:, :16].numpy()
+            out[f"keys_{name}"] = predict_keys(pred, batch, args.steps, 0, None, None).numpy()
+            out[f"interp_real_keys_{name}"] = fill_keys(interp, batch, real_keys, args.steps, 1, None,
+                                                        None)[:, :16].numpy()
     alphas = {name: [round(float(m.alpha()), 3) for m in model.modules() if isinstance(m, AlphaBlender)]
               for name, model in (("prediction", pred), ("interpolation", interp))}
     report = {"windows": len(indices), "sampler_steps": args.steps, "generation_s": round(time.time() - t0, 1),

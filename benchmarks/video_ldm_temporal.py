@@ -90,19 +90,25 @@ def _slice_cond(batch: dict, frames: list[int]):
 
 
 @torch.no_grad()
-def generate(pred, interp, batch: dict, steps: int, seed: int, guidance_scale: float | None,
-             context_guidance: float | None) -> torch.Tensor:
-    """17 scaled latents per window: prediction of 5 key frames (stride 4) from the first real frame, then
-    stage-1 interpolation of the 4 gaps. Returns (b, 17, c, h, w)."""
+def predict_keys(pred, batch: dict, steps: int | None, seed: int, guidance_scale: float | None,
+                 context_guidance: float | None) -> torch.Tensor:
+    """5 key frames (window frames 0, 4, 8, 12, 16) continued from the window's first real latent frame (S = 1).
+    Returns (b, 5, c, h, w)."""
+    return pred.predict(_slice_cond(batch, [0, 4, 8, 12, 16]), batch["latents"][:, :1].float(), steps=steps,
+                        guidance_scale=guidance_scale, context_guidance=context_guidance,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def fill_keys(interp, batch: dict, keys: torch.Tensor, steps: int | None, seed: int, guidance_scale: float | None,
+              context_guidance: float | None) -> torch.Tensor:
+    """Stage-1 interpolation of the 4 gaps between 5 key frames (b, 5, c, h, w) with the boxes of every window
+    frame. Returns (b, 17, c, h, w)."""
     from einops import rearrange
 
     from drivesim.types import Conditioning
 
-    latents = batch["latents"].float()
-    b = latents.shape[0]
-    kw = dict(steps=steps, guidance_scale=guidance_scale, context_guidance=context_guidance)
-    keys = pred.predict(_slice_cond(batch, [0, 4, 8, 12, 16]), latents[:, :1],
-                        generator=torch.Generator().manual_seed(seed), **kw)
+    b = keys.shape[0]
     # the 4 gaps of every window as one batch of 5-frame windows
     conds = [_slice_cond(batch, list(range(4 * j, 4 * j + 5))) for j in range(4)]
     cond = Conditioning(**{f: rearrange(torch.stack([getattr(c, f) for c in conds], 1), "b j ... -> (b j) ...")
@@ -110,9 +116,18 @@ def generate(pred, interp, batch: dict, steps: int, seed: int, guidance_scale: f
                         night=batch["night"].long().repeat_interleave(4),
                         crowdedness=batch["crowdedness"].long().repeat_interleave(4))
     pairs = rearrange(torch.stack([keys[:, j:j + 2] for j in range(4)], 1), "b j k c h w -> (b j) k c h w")
-    filled = interp.interpolate(cond, pairs, stage=1, generator=torch.Generator().manual_seed(seed + 1), **kw)
+    filled = interp.interpolate(cond, pairs, stage=1, steps=steps, guidance_scale=guidance_scale,
+                                context_guidance=context_guidance, generator=torch.Generator().manual_seed(seed))
     filled = rearrange(filled, "(b j) t c h w -> b j t c h w", b=b)
     return torch.cat([filled[:, 0]] + [filled[:, j, 1:] for j in range(1, 4)], dim=1)
+
+
+@torch.no_grad()
+def generate(pred, interp, batch: dict, steps: int | None, seed: int, guidance_scale: float | None,
+             context_guidance: float | None) -> torch.Tensor:
+    """17 scaled latents per window: `predict_keys` then `fill_keys`. Returns (b, 17, c, h, w)."""
+    keys = predict_keys(pred, batch, steps, seed, guidance_scale, context_guidance)
+    return fill_keys(interp, batch, keys, steps, seed + 1, guidance_scale, context_guidance)
 
 
 def main(argv: list[str] | None = None) -> dict:
