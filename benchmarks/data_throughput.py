@@ -9,6 +9,8 @@ latents are reduced to one number, so the data really arrives):
 
 - cache: `LatentClipDataset` over a cache written by `write_cache` with the preset's autoencoder encoder
   (posterior mean); each clip is one HDF5 read, then kept in memory (LRU);
+- cache_reread: the same with an LRU of one clip, so shuffled samples re-read their clip from the HDF5 file
+  (a cache larger than memory; the OS page cache still holds the file);
 - on the fly: `ClipDataset` (decoded clips kept in its LRU, resized to the preset's resolution) and the preset's
   autoencoder encoder run on every batch (`encode(frames).sample()`, no grad).
 
@@ -93,11 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
     cache_ds = LatentClipDataset(cache_path, **kw)
     clip_ds = ClipDataset(root, size=size, max_boxes=pcfg.unet.boxes.max_boxes, **kw)
     g = torch.Generator().manual_seed(0)
+    # cache_clips=1 with shuffled windows: (almost) every sample is a fresh HDF5 read of its clip, the path of a
+    # cache much larger than memory (the OS page cache still holds the file)
+    reread_ds = LatentClipDataset(cache_path, cache_clips=1, **kw)
     loaders = {"cache": DataLoader(cache_ds, batch_size=args.batch_size, shuffle=True, generator=g),
+               "cache_reread": DataLoader(reread_ds, batch_size=args.batch_size, shuffle=True, generator=g),
                "on_the_fly": DataLoader(clip_ds, batch_size=args.batch_size, shuffle=True, generator=g)}
 
     def latents_of(name, batch):
-        if name == "cache":
+        if name.startswith("cache"):
             return batch["latents"]
         with torch.no_grad():
             return ae.encode(batch["frames"]).sample()
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     per = {k: {**_common.summary(times[k]), "samples_per_round": counts[k], "samples_per_s": rates[k],
                "median_samples_per_s": statistics.median(rates[k])} for k in loaders}
     speedup = per["cache"]["median_samples_per_s"] / per["on_the_fly"]["median_samples_per_s"]
+    speedup_reread = per["cache_reread"]["median_samples_per_s"] / per["on_the_fly"]["median_samples_per_s"]
     z_shape = list(cache_ds[0]["latents"].shape)
     result = {"benchmark": "data_throughput", "machine": _common.machine(), "preset": args.preset,
               "data": source, "clips": num_clips, "windows": len(cache_ds), "batch_size": args.batch_size,
@@ -136,11 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
               "method": "DataLoader(num_workers=0, shuffle) -> no-op consumer; one warm-up pass each, then "
                         "round-robin rounds; median samples/s",
               "pipelines": per, "speedup_cache_over_on_the_fly": speedup,
-              "target": f">= {TARGET_SPEEDUP}x", "target_met": bool(speedup >= TARGET_SPEEDUP)}
+              "speedup_cache_reread_over_on_the_fly": speedup_reread,
+              "target": f">= {TARGET_SPEEDUP}x (both cache pipelines)",
+              "target_met": bool(min(speedup, speedup_reread) >= TARGET_SPEEDUP)}
     m = result["machine"]
     rows = [[k, f"{per[k]['median_samples_per_s']:.1f}", f"{per[k]['median_s'] * 1e3 / args.batches:.1f}"]
             for k in loaders]
     rows.append(["cache / on the fly", f"{speedup:.1f}x", ""])
+    rows.append(["cache_reread / on the fly", f"{speedup_reread:.1f}x", ""])
     rows.append([f"target >= {TARGET_SPEEDUP}x", _common.verdict(result["target_met"]), ""])
     _common.table(f"Training data throughput, {args.preset}: samples of {'x'.join(map(str, z_shape))} latents, "
                   f"batch {args.batch_size}, {source}; {m['cpu']}, {m['torch_threads']} threads (shared machine), "
