@@ -24,26 +24,9 @@ __all__ = [
     "SpatialSelfAttention",
     "Downsample",
     "Upsample",
-    "attention",
     "timestep_embedding",
     "zero_module",
 ]
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, attn_mask)`, computed in float32 for 16-bit inputs on CPU.
-
-    q: (n, heads, l, d), k/v: (n, heads, s, d) -> (n, heads, l, d) in q's dtype. On CPU, PyTorch's bf16 flash
-    attention (forward + backward) is 2-10x slower than its float32 kernel at the U-Net's shapes (e.g. 14.7 vs
-    34.9 ms for (12, 4, 144, 32), benchmarks/unet_vs_svd.py), so 16-bit q/k/v are upcast there; the result is
-    also more accurate. On GPUs the 16-bit kernels are used as they are.
-    """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-        return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -175,7 +158,7 @@ class SpatialSelfAttention(nn.Module):
         tokens = rearrange(self.norm(x), "n c h w -> n (h w) c")
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
         q, k, v = rearrange(qkv, "n l (three heads d) -> three n heads l d", three=3, heads=self.num_heads)
-        out = rearrange(attention(q, k, v), "n heads l d -> n l (heads d)")
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "n heads l d -> n l (heads d)")
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + rearrange(out, "n (h w) c -> n c h w", h=h, w=w)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from drivesim.nn.blocks import GroupNorm32, attention, timestep_embedding, zero_module
+from drivesim.nn.blocks import GroupNorm32, timestep_embedding, zero_module
 
 __all__ = ["AlphaBlender", "TemporalConvBlock", "TemporalAttention", "force_alpha_one", "MERGE_STRATEGIES"]
 
@@ -244,7 +244,7 @@ class TemporalAttention(nn.Module):
             tokens = tokens + rearrange(pos, "t c -> 1 t c")
         q, k, val = rearrange(self.qkv(tokens), "n t (three heads d) -> three n heads t d", three=3,
                               heads=self.num_heads)
-        out = attention(q, k, val, attn_mask=self._attn_bias(t, x.device, q.dtype))
+        out = F.scaled_dot_product_attention(q, k, val, attn_mask=self._attn_bias(t, x.device, q.dtype))
         out = self.proj_out(rearrange(out, "n heads t d -> n t (heads d)"))
         out = rearrange(out, "(b h w) t c -> (b t) c h w", h=hh, w=ww)
         return x + out

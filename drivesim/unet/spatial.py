@@ -114,14 +114,8 @@ class _BoxAttn(GatedSelfAttention):
     def forward(self, h, emb, ctx):  # noqa: D102
         height, width = h.shape[-2:]
         tokens = rearrange(h, "n c h w -> n (h w) c")
-        if h.device.type == "cpu" and (h.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
-            # CPU bf16 flash attention is 2-10x slower than float32 (see drivesim.nn.blocks.attention); this
-            # small block runs in float32 under CPU autocast
-            with torch.autocast("cpu", enabled=False):
-                out = super().forward(tokens.float(), ctx.box_tokens.float()).to(h.dtype)
-        else:
-            out = super().forward(tokens, ctx.box_tokens)
-        return rearrange(out, "n (h w) c -> n c h w", h=height, w=width)
+        tokens = super().forward(tokens, ctx.box_tokens)
+        return rearrange(tokens, "n (h w) c -> n c h w", h=height, w=width)
 
 
 class UNetBlock(nn.Module):
