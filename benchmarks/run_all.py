@@ -28,10 +28,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for reporting)")
     args = ap.parse_args()
     threads = ["--threads", str(args.threads)] if args.threads else []
-    runs = [
-        ["unet_vs_svd.py", "--profile", "--repeats", "3" if args.quick else "7"],
-        ["mfu.py", "--repeats", "3" if args.quick else "7"],
-        ["data_throughput.py", "--rounds", "2" if args.quick else "5"],
+    quick = args.quick
+    runs = [  # --quick results go to <name>-quick.json, never over the reported ones
+        ["unet_vs_svd.py", "--profile", "--repeats", "3" if quick else "7", "--out",
+         "unet_vs_svd-quick" if quick else "unet_vs_svd"],
+        ["mfu.py", "--repeats", "3" if quick else "7", "--out", "mfu-quick" if quick else "mfu"],
+        ["data_throughput.py", "--rounds", "2" if quick else "5", "--out",
+         "data_throughput-quick" if quick else "data_throughput"],
     ]
     failed = []
     for script, *extra in runs:
