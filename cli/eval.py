@@ -65,3 +65,67 @@ def fvd_selftest_cmd(
     if result["difference"] is not None and abs(result["difference"]) > tolerance:
         typer.secho(f"FAIL: differs from the reference by more than {tolerance}", fg="red", err=True)
         raise typer.Exit(code=1)
+
+
+# ---- FVD/FID/KVD protocols (eval/protocols.py) ----------------------------------------------------------------
+
+
+def _emit_result(record: dict, as_json: bool, out: Path | None) -> None:
+    import json
+
+    from drivesim.eval.protocols import write_result
+    from drivesim.eval.report import result_table
+    from rich.console import Console
+
+    if out is not None:
+        write_result(out, record)
+    if as_json:
+        typer.echo(json.dumps(record, indent=1))
+        return
+    console = Console()
+    console.print(result_table(record))
+    p = record["protocol"]
+    console.print(f"N = {p['n']} clips of {p['num_frames']} frames per side, seed = {p['seed']}, runs = "
+                  f"{p['num_runs']}; drivesim {p['drivesim_version']}" + (f"; wrote {out}" if out else ""))
+
+
+@app.command("videos")
+def videos_cmd(
+    real: Path = typer.Option(..., "--real", help="Real clips: a clip-format folder, a folder of mp4s or a video."),
+    fake: Path = typer.Option(..., "--fake", help="Generated clips (same kinds of source)."),
+    n: int | None = typer.Option(None, "--n", min=2, help="16-frame clips per side per run (default: all windows)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    num_runs: int = typer.Option(5, "--runs", min=1, help="Repeated random subsets when --n is below what both "
+                                                          "sides have."),
+    split: str | None = typer.Option(None, "--split", help="Clip-format split of --real (train/val)."),
+    fake_split: str | None = typer.Option(None, "--fake-split", help="Clip-format split of --fake."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result record as JSON instead of a table."),
+    out: Path | None = typer.Option(None, "--out", help="Write the result record (JSON) here."),
+) -> None:
+    """FVD_16 (I3D), FID on the same frames (InceptionV3) and KVD_16 between real and generated clips, with the
+    protocol (N, seed, extractors and weights sha256) recorded."""
+    from drivesim.eval.protocols import evaluate_videos
+
+    record = evaluate_videos(real, fake, n=n, num_runs=num_runs, seed=seed, split=split, fake_split=fake_split)
+    _emit_result(record, as_json, out)
+
+
+@app.command("fvd-over-time")
+def fvd_over_time_cmd(
+    rollouts: list[Path] = typer.Argument(..., help="Rollouts: videos, folders of mp4s or clip-format folders; every "
+                                                    "video is one rollout."),
+    real: Path = typer.Option(..., "--real", help="Real clips (a clip-format folder, a folder of mp4s)."),
+    split: str | None = typer.Option(None, "--split", help="Clip-format split of --real."),
+    n_real: int | None = typer.Option(None, "--n-real", min=2, help="Real 16-frame clips (default: all windows)."),
+    pool: int = typer.Option(1, "--pool", min=1, help="Consecutive time windows pooled per point (needed for a "
+                                                      "single rollout)."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result record as JSON instead of a table."),
+    out: Path | None = typer.Option(None, "--out", help="Write the result record (JSON) here."),
+) -> None:
+    """FVD of every non-overlapping 16-frame window along long rollouts (window k across all rollouts) against
+    real 16-frame clips, as a curve."""
+    from drivesim.eval.protocols import fvd_over_time
+
+    record = fvd_over_time(rollouts, real, pool=pool, n_real=n_real, seed=seed, split=split)
+    _emit_result(record, as_json, out)

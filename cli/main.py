@@ -16,6 +16,7 @@ from drivesim.cli import demo as demo_cmds
 from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
 from drivesim.cli import export as export_cmds
+from drivesim.cli import report as report_cmds
 from drivesim.cli import rollout as rollout_cmds
 from drivesim.cli import sample as sample_cmds
 from drivesim.cli import scenario as scenario_cmds
@@ -33,6 +34,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(eval_cmds.app, name="eval")
+app.command("report")(report_cmds.report_cmd)
 app.add_typer(config_cmds.app, name="config")
 app.command("train", epilog=train_cmds.EPILOG)(train_cmds.train_cmd)
 app.command("encode")(encode_cmds.encode_cmd)
