@@ -51,8 +51,8 @@ STATE_VERSION = 1
 # cpu-small: measured on the 2-core reference box so the whole demo (with ~2 x 2-minute rollouts and the
 # evaluation) stays under 30 minutes.
 DEFAULT_BUDGETS: dict[str, dict[str, float | None]] = {
-    "cpu-small": {"autoencoder": 3.5, "video_decoder": 1.5, "image_ldm": 4.5, "prediction": 3.0,
-                  "interpolation": 2.0},
+    "cpu-small": {"autoencoder": 3.0, "video_decoder": 1.5, "image_ldm": 4.0, "prediction": 2.5,
+                  "interpolation": 1.5},
 }
 # Per-preset demo settings: rollout minutes, sampler steps of every rollout model call, eval windows per side
 # (None: all val windows), FVD-over-time pooling, and rough minutes of the untimed stages (for the ETA only).
@@ -229,6 +229,7 @@ class DemoSettings:
     quiet: bool
     as_json: bool
     estimate_min: dict[str, float]
+    threads: int | None = None
 
 
 class Demo:
@@ -355,14 +356,29 @@ class Demo:
                 self._remove_outputs(name)
             redo = True
             self.state.start(name, digest)
+            threads = self.set_threads()
             self.console.rule(f"[bold]{i + 1}/{len(STEPS)} {name}[/bold]  ({self.eta_text(i)})", align="left")
             t0 = time.monotonic()
             with self._stdout():
                 info = getattr(self, f"_run_{name}")(resumable)
             seconds = time.monotonic() - t0
-            self.state.finish(name, seconds, info)
+            self.state.finish(name, seconds, {**info, "torch_threads": threads})
             self.console.print(f"[green]{name} done[/green] in {seconds / 60:.1f} min", highlight=False)
         return self.summary()
+
+    def set_threads(self) -> int:
+        """torch intra-op threads for the next stage: `--threads`, or with "auto" the cores not already busy
+        (1-minute load average) and at least 1. On a shared machine two OpenMP threads on two busy cores spin
+        waiting for each other: a cpu-small U-Net call measured 20 s with 2 threads vs 0.7 s with 1 (load ~10)."""
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self.s.threads is not None:
+            n = self.s.threads
+        else:
+            n = max(1, min(cpus, round(cpus - os.getloadavg()[0])))
+        torch.set_num_threads(n)
+        return n
 
     def _say_skip(self, i: int, name: str) -> None:
         rec = self.state.stages[name]
@@ -426,7 +442,14 @@ class Demo:
                            highlight=False)
         encode_cmd(ae=self._export("autoencoder"), data=self.s.data, out=out, size=f"{h}x{w}", sample=False,
                    scale="auto", scale_frames=512, batch_frames=16, dtype="float16", device="cpu")
-        return {"cache": str(out), "bytes": out.stat().st_size}
+        from drivesim.datasets.latent_cache import LatentCache
+
+        cache = LatentCache(out)
+        try:
+            info = {"scale_factor": round(cache.scale_factor, 5), "clips": len(cache.clip_ids())}
+        finally:
+            cache.close()
+        return {"cache": str(out), "bytes": out.stat().st_size, **info}
 
     def _run_video_decoder(self, resume: bool) -> dict:
         return self._train("video_decoder", self.s.data, autoencoder=str(self._export("autoencoder")))
@@ -656,14 +679,23 @@ def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
                     f"{f'{budget:g} min' if budget else str(st.get('max_steps')) + ' steps'}, batch "
                     f"{st.get('batch_size')}), {st.get('steps_per_s')} steps/s, final loss {st.get('final_loss')}, "
                     f"{st.get('weights')} weights")
+        elif name == "encode" and "clips" in st:
+            what = f"{st['clips']} clips encoded (posterior mean), scale factor {st.get('scale_factor')}"
+        elif name == "scenarios" and "day" in st:
+            what = "; ".join(f"{k}: {len(st[k]['clips'])} {st[k]['split']} clip(s) chained" for k in ("day", "night"))
+        elif name == "report":
+            what = "this page"
         elif name == "rollout" and "num_frames" in st:
             what = (f"2 rollouts (day, night) of {st['num_frames']} frames at {st['fps']:g} fps, "
                     f"{st.get('steps') or 'default (preset)'} sampler steps, context guidance "
-                    f"{st.get('context_guidance')}, context perturbation level {st.get('context_noise_level')}")
+                    f"{st.get('context_guidance')}, context perturbation level {st.get('context_noise_level')}; "
+                    f"day {st.get('day', {}).get('seconds')} s, night {st.get('night', {}).get('seconds')} s")
         elif name == "eval":
-            what = e(st["skipped"]) if st.get("skipped") else f"N = {st.get('n')} windows of 16 frames per side"
+            what = st["skipped"] if st.get("skipped") else f"N = {st.get('n')} windows of 16 frames per side"
+        if st.get("torch_threads"):
+            what += f"{'; ' if what else ''}{st['torch_threads']} torch thread(s)"
         rows.append(f"<tr><td>{e(name)}</td><td style='text-align:right'>"
-                    f"{'-' if secs is None else f'{secs / 60:.1f} min'}</td><td>{e(what) if name != 'eval' else what}"
+                    f"{'-' if secs is None else f'{secs / 60:.1f} min'}</td><td>{e(what)}"
                     "</td></tr>")
     total = sum(st.get("seconds") or 0 for st in run["stages"].values())
     section = (
@@ -700,6 +732,8 @@ def demo_cmd(
                                            "see drivesim rollout)."),
     eval_n: int = typer.Option(None, "--eval-n", min=2, help="16-frame windows per side for FVD/FID/KVD "
                                "(default: 16 for cpu-small, 4 for tiny)."),
+    threads: str = typer.Option("auto", "--threads", help="torch threads: a number, or auto (the cores not busy "
+                                "with other processes at each stage's start, at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Added to every training seed; rollout seeds are seed, seed + 1."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (stage logs go to stderr)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; only where the report is."),
@@ -716,6 +750,8 @@ def demo_cmd(
                         "data/sample)")
     if rollout_minutes is not None and not (math.isfinite(rollout_minutes) and rollout_minutes > 0):
         raise ConfigError(f"--rollout-minutes: must be positive, got {rollout_minutes}")
+    if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise ConfigError(f"--threads: expected a positive integer or auto, got {threads!r}")
     defaults = DEMO_DEFAULTS.get(preset, FALLBACK_DEFAULTS)
     budget_map: dict[str, float | None] = dict(DEFAULT_BUDGETS.get(preset, {}))
     budget_map.update(parse_budgets(budgets))
@@ -724,7 +760,8 @@ def demo_cmd(
         rollout_minutes=rollout_minutes if rollout_minutes is not None else defaults["rollout_minutes"],
         rollout_sets=list(rollout_sets) if rollout_sets else list(defaults["rollout_sets"]),
         eval_n=eval_n if eval_n is not None else defaults["eval_n"], pool=defaults["pool"], seed=seed,
-        quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"])
+        quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"],
+        threads=None if threads == "auto" else int(threads))
     summary = Demo(settings).run()
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
