@@ -366,7 +366,8 @@ def _source_record(path: str | Path, split: str | None, refs: Sequence[VideoRef]
 
 def evaluate_videos(real_dir: str | Path, fake_dir: str | Path, num_frames: int = NUM_FRAMES, n: int | None = None,
                     num_runs: int = 5, seed: int = 0, split: str | None = None, fake_split: str | None = None,
-                    extractors: Extractors | None = None) -> dict[str, Any]:
+                    extractors: Extractors | None = None,
+                    feature_caches: dict | None = None) -> dict[str, Any]:
     """FVD_16, FID on frames and KVD between two sources (protocol in the module docstring).
 
     Args:
@@ -379,6 +380,9 @@ def evaluate_videos(real_dir: str | Path, fake_dir: str | Path, num_frames: int 
             fake side (so a source compared with itself does not get identical draws unless it is all windows).
         split, fake_split: clip-format split of the real / fake source (None: all clips).
         extractors: feature functions; None loads I3D and InceptionV3-FID (`default_extractors`).
+        feature_caches: a dict to keep per-source features in across calls (keyed by resolved path and split),
+            so comparing one real set with several fakes extracts the real features once. Use one dict per
+            `extractors`.
 
     Returns:
         A result record (dict, JSON-able): schema, kind "videos", metrics {"fvd", "fid", "kvd"} each with
@@ -401,7 +405,10 @@ def evaluate_videos(real_dir: str | Path, fake_dir: str | Path, num_frames: int 
                             f"{len(short)} videos shorter than {num_frames} frames skipped)")
     n_eff = min(len(real_w), len(fake_w)) if n is None else n
     runs = num_runs if n_eff < min(len(real_w), len(fake_w)) else 1
-    real_cache, fake_cache = _FeatureCache(real_refs, ex), _FeatureCache(fake_refs, ex)
+    caches = feature_caches if feature_caches is not None else {}
+    real_key, fake_key = (str(Path(real_dir).resolve()), split), (str(Path(fake_dir).resolve()), fake_split)
+    real_cache = caches.setdefault(real_key, _FeatureCache(real_refs, ex))
+    fake_cache = caches.setdefault(fake_key, _FeatureCache(fake_refs, ex))
     fvds, fids, kvds, kvd_std = [], [], [], []
     for r in range(runs):
         rw = draw_windows(real_w, None if n_eff == len(real_w) else n_eff, seed, r)
