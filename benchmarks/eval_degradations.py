@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--split", default="val", help="split to use ('all' for every clip)")
     ap.add_argument("--max-clips", type=int, default=None)
     ap.add_argument("--sigma", type=float, default=2.0)
+    ap.add_argument("--kinds", default="reencode,blur,shuffle", help="degradations to compare (blur is required)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_degradations.json"))
     args = ap.parse_args()
     split = None if args.split == "all" else args.split
@@ -51,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="drivesim-degrade-") as tmp:
         real = _subset(Path(args.dataset), Path(tmp) / "real", split, args.max_clips)
         fakes = {"identity (real vs real)": real}
-        for kind in ("reencode", "blur", "shuffle"):
+        for kind in args.kinds.split(","):
             fakes[kind] = degrade_dataset(real, Path(tmp) / kind, kind=kind, sigma=args.sigma, seed=0)
         for name, fake in fakes.items():
             t0 = time.perf_counter()
