@@ -57,7 +57,7 @@ DEFAULT_BUDGETS: dict[str, dict[str, float | None]] = {
 # Per-preset demo settings: rollout minutes, sampler steps of every rollout model call, eval windows per side
 # (None: all val windows), FVD-over-time pooling, and rough minutes of the untimed stages (for the ETA only).
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"rollout_minutes": 0.06, "rollout_sets": [], "eval_n": 4, "pool": 1,
+    "tiny": {"rollout_minutes": 0.06, "rollout_sets": [], "eval_n": 2, "pool": 1,
              "estimate_min": {"autoencoder": 0.2, "encode": 0.3, "video_decoder": 0.2, "image_ldm": 0.1,
                               "prediction": 0.1, "interpolation": 0.1, "scenarios": 0.01, "rollout": 0.3,
                               "eval": 1.0, "report": 0.1}},
@@ -731,7 +731,7 @@ def demo_cmd(
                                            "repeatable (default for cpu-small: steps=4, context_guidance=1.0; "
                                            "see drivesim rollout)."),
     eval_n: int = typer.Option(None, "--eval-n", min=2, help="16-frame windows per side for FVD/FID/KVD "
-                               "(default: 16 for cpu-small, 4 for tiny)."),
+                               "(default: 16 for cpu-small, 2 for tiny)."),
     threads: str = typer.Option("auto", "--threads", help="torch threads: a number, or auto (the cores not busy "
                                 "with other processes at each stage's start, at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Added to every training seed; rollout seeds are seed, seed + 1."),
