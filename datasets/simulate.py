@@ -1,0 +1,156 @@
+"""Render a clip-format dataset with MetaDrive (`drivesim data simulate`).
+
+The simulator runs in its own virtual environment (`scripts/setup_sim.sh`, default `.venv-sim`, or
+`$DRIVESIM_SIM_PYTHON` pointing at its python): this module starts `datasets/metadrive_gen.py` there as worker
+subprocesses, each rendering a share of the clips into a staging folder (raw frames + box JSON), then writes the
+clips, validated, in the drivesim clip format. The dataset appears under `out` only when every clip is written
+(staging in a temp folder next to it, then a rename), so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from drivesim.datasets.clips import annotation_from_json, write_clip, write_manifest
+
+from drivesim.errors import DataError
+
+GENERATOR = Path(__file__).with_name("metadrive_gen.py")
+
+
+def find_sim_python() -> Path:
+    """The simulator venv's python: `$DRIVESIM_SIM_PYTHON`, else `$DRIVESIM_SIM_VENV/bin/python`, else `.venv-sim`.
+
+    Raises:
+        DataError: no simulator environment (the message says how to create it).
+    """
+    explicit = os.environ.get("DRIVESIM_SIM_PYTHON")
+    candidates = [Path(explicit)] if explicit else []
+    venv = os.environ.get("DRIVESIM_SIM_VENV")
+    if venv:
+        candidates.append(Path(venv) / "bin" / "python")
+    candidates += [Path.cwd() / ".venv-sim" / "bin" / "python",
+                   Path(__file__).resolve().parents[1] / ".venv-sim" / "bin" / "python"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(f"{candidates[0]}: simulator: MetaDrive environment not found (run scripts/setup_sim.sh or "
+                    "set DRIVESIM_SIM_PYTHON)")
+
+
+def plan_clips(clips: int, seed: int, night_fraction: float, val_fraction: float) -> list[dict]:
+    """Assign each clip an id, a map seed, day/night and a split, balanced so both splits are half night.
+
+    Returns:
+        list of {"id", "seed", "night", "split"}; deterministic for the arguments.
+    """
+    if clips < 1:
+        raise DataError(f"--clips: must be >= 1, got {clips}")
+    num_val = int(round(clips * val_fraction))
+    jobs = []
+    for split, count, offset in (("train", clips - num_val, 0), ("val", num_val, clips - num_val)):
+        for k in range(count):
+            i = offset + k
+            # Bresenham spread: floor((k+1) f) - floor(k f) is 1 for round(count * f) evenly spaced k
+            night = int(math.floor((k + 1) * night_fraction) - math.floor(k * night_fraction))
+            jobs.append({"id": f"clip_{i:04d}", "seed": seed * 10_000 + i, "night": night, "split": split})
+    return jobs
+
+
+def simulate(
+    out_dir: str | Path,
+    clips: int,
+    frames: int,
+    size: tuple[int, int] = (128, 256),
+    seed: int = 0,
+    workers: int = 2,
+    night_fraction: float = 0.5,
+    val_fraction: float = 0.25,
+    warmup: int = 20,
+    traffic_density: float = 0.3,
+    command: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Render `clips` clips of `frames` frames at `size` = (height, width) into a new clip-format dataset.
+
+    Args:
+        out_dir: the dataset folder to create (must not exist).
+        seed: base seed; clip i renders MetaDrive map `(seed * 10000 + i) % 50` (straight and curved road
+            blocks, traffic seeded by the map; see `metadrive_gen.py`).
+        workers: simulator processes (each one renders on one core).
+        night_fraction / val_fraction: share of night clips (in each split) and of val clips.
+        warmup: simulator steps before recording, so the ego car is moving.
+
+    Returns:
+        the dataset folder.
+
+    Raises:
+        DataError: `out_dir` exists, the simulator environment is missing, or a worker failed (its log tail).
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise DataError(f"{out}: --out: already exists")
+    height, width = size
+    if height % 8 or width % 8:
+        raise DataError(f"--size: {height}x{width} must be a multiple of 8 in both dimensions")
+    if frames < 1:
+        raise DataError(f"--frames: must be >= 1, got {frames}")
+    sim_python = find_sim_python()
+    jobs = plan_clips(clips, seed, night_fraction, val_fraction)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        raw = staging / "raw"
+        data = staging / "dataset"
+        raw.mkdir()
+        shares = [jobs[w::workers] for w in range(max(1, min(workers, len(jobs))))]
+        env = dict(os.environ, LP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        procs = []
+        for w, share in enumerate(shares):
+            args = [str(sim_python), str(GENERATOR), "--out", str(raw), "--frames", str(frames), "--width",
+                    str(width), "--height", str(height), "--warmup", str(warmup), "--traffic-density",
+                    str(traffic_density), "--jobs", json.dumps([{k: j[k] for k in ("id", "seed", "night")}
+                                                               for j in share])]
+            log = open(staging / f"worker{w}.log", "w")  # noqa: SIM115  (closed below)
+            procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        t0 = time.time()
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(1.0)
+            if progress:
+                done = len(list(raw.glob("*.raw.json")))
+                progress(f"{done}/{len(jobs)} clips rendered ({time.time() - t0:.0f} s)")
+        for w, (p, log) in enumerate(procs):
+            log.close()
+            if p.returncode != 0:
+                tail = (staging / f"worker{w}.log").read_text().strip().splitlines()[-3:]
+                raise DataError(f"{sim_python}: simulator worker {w} failed (exit {p.returncode}): "
+                                + " | ".join(tail))
+        for job in jobs:
+            meta_path = raw / f"{job['id']}.raw.json"
+            meta = json.loads(meta_path.read_text())
+            meta["format_version"] = 1
+            meta["num_frames"] = len(meta["frames"])
+            annotation = annotation_from_json(meta, meta_path)  # validates every box
+            write_clip(data, np.load(raw / f"{job['id']}.npy"), annotation)
+        write_manifest(
+            data, [(j["id"], j["split"]) for j in jobs],
+            source="MetaDrive 0.3.0.1 (datasets/metadrive_gen.py)",
+            command=command or " ".join(shlex.quote(a) for a in sys.argv),
+            seed=seed, size=[height, width], frames=frames, warmup=warmup, traffic_density=traffic_density,
+            night_fraction=night_fraction, val_fraction=val_fraction,
+        )
+        os.replace(data, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
