@@ -65,7 +65,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # (7.5 GFLOP per 5-frame call at cpu-small): the most a 2-core CPU affords inside the 30-minute demo
     "cpu-small": {"rollout_minutes": 2.0, "rollout_sets": ["steps=4", "context_guidance=1.0"], "eval_n": 16,
                   "pool": 4,
-                  "estimate_min": {"encode": 1.0, "scenarios": 0.02, "rollout": 4.0, "eval": 5.0, "report": 0.3}},
+                  "estimate_min": {"encode": 1.0, "scenarios": 0.02, "rollout": 18.0, "eval": 6.0, "report": 0.3}},
 }
 FALLBACK_DEFAULTS = DEMO_DEFAULTS["cpu-small"]
 
