@@ -34,15 +34,15 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(eval_cmds.app, name="eval")
-app.command("report")(report_cmds.report_cmd)
+app.command("encode")(encode_cmds.encode_cmd)
 app.add_typer(config_cmds.app, name="config")
 app.command("train", epilog=train_cmds.EPILOG)(train_cmds.train_cmd)
-app.command("encode")(encode_cmds.encode_cmd)
+app.command("report")(report_cmds.report_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
 app.add_typer(scenario_cmds.app, name="scenario")
 app.command("export")(export_cmds.export_cmd)
-app.command("demo", epilog=demo_cmds.EPILOG)(demo_cmds.demo_cmd)
 app.command("rollout", epilog=rollout_cmds.EPILOG)(rollout_cmds.rollout_cmd)
+app.command("demo", epilog=demo_cmds.EPILOG)(demo_cmds.demo_cmd)
 
 err_console = Console(stderr=True)
 
