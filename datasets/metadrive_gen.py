@@ -221,28 +221,29 @@ def main(argv=None) -> int:
     jobs = json.loads(args.jobs)
     os.makedirs(args.out, exist_ok=True)
     renderer = Renderer(args.width, args.height, args.traffic_density, args.num_maps, args.start_seed, args.map)
-    try:
-        for job in jobs:
-            t0 = time.time()
-            images, frames_json, num_tracks, map_seed = renderer.render_clip(
-                int(job["seed"]), bool(job["night"]), args.frames, args.warmup)
-            base = os.path.join(args.out, job["id"])
-            np.save(base + ".npy.tmp.npy", images)
-            os.replace(base + ".npy.tmp.npy", base + ".npy")
-            meta = {
-                "id": job["id"], "fps": FPS, "width": args.width, "height": args.height,
-                "night": int(bool(job["night"])), "crowdedness": num_tracks,
-                "source": (f"metadrive-simulator 0.3.0.1, map seed {map_seed}, traffic density "
-                           f"{args.traffic_density}, IDM policy, warm-up {args.warmup} steps"),
-                "frames": frames_json,
-            }
-            with open(base + ".raw.json.tmp", "w") as f:
-                json.dump(meta, f)
-            os.replace(base + ".raw.json.tmp", base + ".raw.json")
-            print(json.dumps({"done": job["id"], "seconds": round(time.time() - t0, 2),
-                              "frames": args.frames + args.warmup}), flush=True)
-    finally:
-        renderer.close()
+    for job in jobs:
+        t0 = time.time()
+        images, frames_json, num_tracks, map_seed = renderer.render_clip(
+            int(job["seed"]), bool(job["night"]), args.frames, args.warmup)
+        base = os.path.join(args.out, job["id"])
+        np.save(base + ".npy.tmp.npy", images)
+        os.replace(base + ".npy.tmp.npy", base + ".npy")
+        meta = {
+            "id": job["id"], "fps": FPS, "width": args.width, "height": args.height,
+            "night": int(bool(job["night"])), "crowdedness": num_tracks,
+            "source": (f"metadrive-simulator 0.3.0.1, map seed {map_seed}, traffic density "
+                       f"{args.traffic_density}, IDM policy, warm-up {args.warmup} steps"),
+            "frames": frames_json,
+        }
+        with open(base + ".raw.json.tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(base + ".raw.json.tmp", base + ".raw.json")
+        print(json.dumps({"done": job["id"], "seconds": round(time.time() - t0, 2),
+                          "frames": args.frames + args.warmup}), flush=True)
+    # Panda3D aborts (SIGABRT) while tearing the engine down at interpreter exit; every output above is already
+    # written and renamed, so leave without the teardown.
+    sys.stdout.flush()
+    os._exit(0)
     return 0
 
 
