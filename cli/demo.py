@@ -530,6 +530,7 @@ class Demo:
         cfg = self.rollout_config()
         num_frames = self.num_frames(cfg)
         stack = self._link_stack()
+        grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:
             models = load_models(stack)
@@ -566,7 +567,7 @@ class Demo:
             write_manifest(clips_dir, [("day", "val"), ("night", "val")], source="drivesim demo rollouts",
                            command="drivesim demo", seed=self.s.seed)
         finally:
-            torch.set_grad_enabled(True)
+            torch.set_grad_enabled(grad_was_enabled)
         return info
 
     # ---- evaluation, report --------------------------------------------------------------------------------

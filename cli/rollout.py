@@ -319,26 +319,27 @@ def rollout_cmd(
         raise ConfigError(f"--frames: must be >= 1, got {frames}")
     cfg = resolve_config(config, sets, upsample)
     num_frames = frames if frames is not None else max(1, round(minutes * 60 * cfg.fps))
-    torch.set_grad_enabled(False)
-    models = load_models(ckpt_dir, upsample=cfg.upsample, device=device)
-    if scenario is not None:
-        jobs = [(scenario, out, seed)]
-    else:
-        if not scenarios.is_dir():
-            raise DataError(f"{scenarios}: --scenarios: folder not found")
-        files = sorted(scenarios.glob("*.json"))
-        if not files:
-            raise DataError(f"{scenarios}: --scenarios: no *.json scenario files")
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        indexed = shard(list(enumerate(files)), rank, world)
-        jobs = [(f, out / f.stem, seed + i) for i, f in indexed]
-    results = []
-    for path, job_out, job_seed in jobs:
-        summary = run_one(path, models, cfg, job_out, job_seed, num_frames, resume, ckpt_dir, progress=not quiet)
-        results.append({"scenario": str(path), "out": str(job_out), "seed": job_seed, **summary})
-        if not as_json:
-            typer.echo(f"{job_out}: {summary['frames_written']} frames ({num_frames / cfg.fps:.1f} s at "
-                       f"{cfg.fps:g} fps) in {summary['seconds']:.1f} s"
-                       + (f" (resumed at unit {summary['resumed_from']})" if summary["resumed_from"] else ""))
+    # inference only; a context (not set_grad_enabled) so in-process callers get their grad mode back
+    with torch.no_grad():
+        models = load_models(ckpt_dir, upsample=cfg.upsample, device=device)
+        if scenario is not None:
+            jobs = [(scenario, out, seed)]
+        else:
+            if not scenarios.is_dir():
+                raise DataError(f"{scenarios}: --scenarios: folder not found")
+            files = sorted(scenarios.glob("*.json"))
+            if not files:
+                raise DataError(f"{scenarios}: --scenarios: no *.json scenario files")
+            rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+            indexed = shard(list(enumerate(files)), rank, world)
+            jobs = [(f, out / f.stem, seed + i) for i, f in indexed]
+        results = []
+        for path, job_out, job_seed in jobs:
+            summary = run_one(path, models, cfg, job_out, job_seed, num_frames, resume, ckpt_dir, progress=not quiet)
+            results.append({"scenario": str(path), "out": str(job_out), "seed": job_seed, **summary})
+            if not as_json:
+                typer.echo(f"{job_out}: {summary['frames_written']} frames ({num_frames / cfg.fps:.1f} s at "
+                           f"{cfg.fps:g} fps) in {summary['seconds']:.1f} s"
+                           + (f" (resumed at unit {summary['resumed_from']})" if summary["resumed_from"] else ""))
     if as_json:
         typer.echo(json.dumps(results if scenarios is not None else results[0]))

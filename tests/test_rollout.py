@@ -118,13 +118,14 @@ def test_unit_generators_are_independent_of_order():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_streamed_decode_equals_one_shot_decode(stack, tmp_path):
+def test_streamed_decode_equals_one_shot_decode(stack, tmp_path, request):
     from drivesim.cli.rollout import make_cond_fn, prepare_scenario
 
     from drivesim.rollout import Rollout, to_uint8
 
     ckpt, scen = stack
     torch.set_grad_enabled(False)
+    request.addfinalizer(lambda: torch.set_grad_enabled(True))
     models = load_models(ckpt)
     cfg = RolloutConfig(steps=1)
     n = 23
