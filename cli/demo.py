@@ -747,8 +747,8 @@ def demo_cmd(
     if from_stage is not None and from_stage not in STEPS:
         raise ConfigError(f"--from-stage: unknown stage {from_stage!r} (stages: {', '.join(STEPS)})")
     if not (data / "manifest.json").is_file():
-        raise DataError(f"{data}: --data: no manifest.json (a clip-format dataset; the committed sample is "
-                        "data/sample)")
+        raise DataError(f"{data}: --data: no manifest.json (a clip-format dataset; render the MetaDrive sample "
+                        "with: drivesim data simulate --out data/sample --clips 64 --frames 32 --seed 0 --warmup 10)")
     if rollout_minutes is not None and not (math.isfinite(rollout_minutes) and rollout_minutes > 0):
         raise ConfigError(f"--rollout-minutes: must be positive, got {rollout_minutes}")
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
