@@ -290,19 +290,31 @@ def annotation_from_json(data: Any, path: Path, problems: list[str] | None = Non
     return ClipAnnotation(str(clip_id), fps, width, height, night, crowdedness, source, frames, notes)
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file that the user handed us.
+
+    Args:
+        what: the field name used in errors ("annotation", "manifest", "scenario", ...).
+
+    Raises:
+        DataError: `"{path}: {what}: file not found"` or `"{path}: {what}: not valid JSON (...)"`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: {what}: not valid JSON ({e})") from None
+
+
 def read_annotation(path: str | Path, problems: list[str] | None = None) -> ClipAnnotation:
     """Read and validate one clip annotation JSON. Raises DataError naming the file and field.
 
     `problems`: see `annotation_from_json` (collect bad boxes instead of raising on the first).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: annotation: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: annotation: not valid JSON ({e})") from None
-    return annotation_from_json(data, path, problems)
+    return annotation_from_json(read_json(path, "annotation"), path, problems)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -369,12 +381,7 @@ def read_manifest(dataset_dir: str | Path) -> Manifest:
     path = root / "manifest.json"
     if not root.is_dir():
         raise DataError(f"{root}: dataset: folder not found")
-    if not path.is_file():
-        raise DataError(f"{path}: manifest: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: manifest: not valid JSON ({e})") from None
+    data = read_json(path, "manifest")
     if not isinstance(data, dict):
         raise DataError(f"{path}: <root>: expected an object")
     if data.get("format") != FORMAT:

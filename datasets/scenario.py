@@ -21,7 +21,6 @@ fully outside the image, or an unknown class are errors naming the file and the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
-from drivesim.datasets.clips import Box, ClipAnnotation, parse_box, write_json_atomic
+from drivesim.datasets.clips import Box, ClipAnnotation, parse_box, read_json, write_json_atomic
 
 from drivesim.errors import DataError
 from drivesim.types import Conditioning
@@ -196,13 +195,7 @@ def load_scenario(path: str | Path) -> Scenario:
         DataError: missing file, invalid JSON, or an invalid field (one line naming the file and the field).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: scenario: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: scenario: not valid JSON ({e})") from None
-    return scenario_from_json(data, path)
+    return scenario_from_json(read_json(path, "scenario"), path)
 
 
 def save_scenario(scenario: Scenario, path: str | Path) -> Path:
