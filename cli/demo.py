@@ -362,6 +362,8 @@ class Demo:
             with self._stdout():
                 info = getattr(self, f"_run_{name}")(resumable)
             seconds = time.monotonic() - t0
+            if resumable:  # the wall time of the interrupted call(s) is not known: say that the number is partial
+                info["resumed"] = "continued an interrupted run; the wall time is this call's only"
             self.state.finish(name, seconds, {**info, "torch_threads": threads})
             self.console.print(f"[green]{name} done[/green] in {seconds / 60:.1f} min", highlight=False)
         return self.summary()
@@ -578,6 +580,7 @@ class Demo:
             fvd_over_time,
             list_videos,
             list_windows,
+            read_result,
             write_result,
         )
 
@@ -598,10 +601,13 @@ class Demo:
         self.console.print(f"FVD_16 / FID / KVD_16: rollouts (day + night, {fake_windows} windows) vs the val clips "
                            f"of {self.s.data} ({real_windows} windows), N = "
                            f"{n or min(real_windows, fake_windows)} windows per side", highlight=False)
-        videos = evaluate_videos(self.s.data, fake, n=n, num_runs=1, seed=self.s.seed, split="val",
-                                 extractors=ex)
-        videos["label"] = "demo rollouts (day + night) vs val clips"
-        write_result(folder / "videos.json", videos)
+        if resume and (folder / "videos.json").is_file():  # an interrupted eval keeps its finished half
+            videos = read_result(folder / "videos.json")
+        else:
+            videos = evaluate_videos(self.s.data, fake, n=n, num_runs=1, seed=self.s.seed, split="val",
+                                     extractors=ex)
+            videos["label"] = "demo rollouts (day + night) vs val clips"
+            write_result(folder / "videos.json", videos)
         self.console.print(f"FVD over time along the rollouts (pool {self.s.pool})", highlight=False)
         curve = fvd_over_time([fake], self.s.data, pool=self.s.pool, n_real=n_real, seed=self.s.seed,
                               split="val", extractors=ex)
@@ -693,6 +699,8 @@ def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
                     f"day {st.get('day', {}).get('seconds')} s, night {st.get('night', {}).get('seconds')} s")
         elif name == "eval":
             what = st["skipped"] if st.get("skipped") else f"N = {st.get('n')} windows of 16 frames per side"
+        if st.get("resumed"):
+            what += f"{'; ' if what else ''}{st['resumed']}"
         if st.get("torch_threads"):
             what += f"{'; ' if what else ''}{st['torch_threads']} torch thread(s)"
         rows.append(f"<tr><td>{e(name)}</td><td style='text-align:right'>"
