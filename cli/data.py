@@ -136,7 +136,9 @@ def simulate_cmd(
     seed: int = typer.Option(0, "--seed", help="Base seed (maps and traffic)."),
     workers: int = typer.Option(2, "--workers", help="Simulator processes (one core each)."),
     night_fraction: float = typer.Option(0.5, "--night-fraction", help="Share of night clips in each split."),
-    warmup: int = typer.Option(20, "--warmup", help="Simulator steps (0.1 s each) before recording."),
+    warmup: int = typer.Option(30, "--warmup", help="Simulator steps (0.1 s each) before recording."),
+    traffic_density: float = typer.Option(0.3, "--traffic-density", help="MetaDrive traffic density."),
+    map_blocks: str = typer.Option("4", "--map", help="Random road blocks per map, or a MetaDrive block string."),
 ) -> None:
     """Render first-person driving clips with exact boxes in MetaDrive (needs scripts/setup_sim.sh).
 
@@ -149,11 +151,13 @@ def simulate_cmd(
 
     command = shlex.join(["drivesim", "data", "simulate", "--out", str(out), "--clips", str(clips), "--frames",
                           str(frames), "--size", size, "--seed", str(seed), "--workers", str(workers),
-                          "--night-fraction", str(night_fraction), "--warmup", str(warmup)])
+                          "--night-fraction", str(night_fraction), "--warmup", str(warmup),
+                          "--traffic-density", str(traffic_density), "--map", map_blocks])
     console = Console(stderr=True)
     with console.status("rendering with MetaDrive") as status:
         simulate(out, clips, frames, _parse_size(size), seed, workers, night_fraction, warmup=warmup,
-                 command=command, progress=lambda msg: status.update(f"rendering with MetaDrive: {msg}"))
+                 traffic_density=traffic_density, map_blocks=map_blocks, command=command,
+                 progress=lambda msg: status.update(f"rendering with MetaDrive: {msg}"))
     typer.echo(f"{out}: wrote {clips} clips of {frames} frames")
 
 

@@ -77,8 +77,9 @@ def simulate(
     workers: int = 2,
     night_fraction: float = 0.5,
     val_fraction: float = 0.25,
-    warmup: int = 20,
+    warmup: int = 30,
     traffic_density: float = 0.3,
+    map_blocks: str = "4",
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -86,58 +87,76 @@ def simulate(
 
     Args:
         out_dir: the dataset folder to create (must not exist).
-        seed: base seed; clip i renders MetaDrive map `(seed * 10000 + i) % 50` (straight and curved road
-            blocks, traffic seeded by the map; see `metadrive_gen.py`).
-        workers: simulator processes (each one renders on one core).
+        seed: base seed; clip i renders on MetaDrive map seed `seed * 10000 + i` (the map and its traffic).
+        workers: simulator processes (each renders on one core with one llvmpipe thread).
         night_fraction / val_fraction: share of night clips (in each split) and of val clips.
-        warmup: simulator steps before recording, so the ego car is moving.
+        warmup: simulator steps (0.1 s) before recording, so the ego car is moving.
+        traffic_density: MetaDrive's traffic density (vehicles per 10 m of lane, roughly).
+        map_blocks: MetaDrive map: a number of random road blocks, or a block string such as "SCrRX".
+        command: the command line recorded in the manifest (default: this process's argv).
+        progress: called about once a second with a status line.
 
     Returns:
-        the dataset folder.
+        the dataset folder. Its manifest records command, seed and every generation setting; each clip's
+        `source` names the simulator version and the map seed actually used.
 
     Raises:
-        DataError: `out_dir` exists, the simulator environment is missing, or a worker failed (its log tail).
+        DataError: `out_dir` exists, bad sizes, the simulator environment is missing, or a worker failed (the tail
+            of its log). Nothing is left at `out_dir` on failure.
     """
     out = Path(out_dir)
     if out.exists():
         raise DataError(f"{out}: --out: already exists")
     height, width = size
-    if height % 8 or width % 8:
-        raise DataError(f"--size: {height}x{width} must be a multiple of 8 in both dimensions")
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise DataError(f"--size: {height}x{width} must be positive multiples of 8")
     if frames < 1:
         raise DataError(f"--frames: must be >= 1, got {frames}")
+    if warmup < 0:
+        raise DataError(f"--warmup: must be >= 0, got {warmup}")
+    if workers < 1:
+        raise DataError(f"--workers: must be >= 1, got {workers}")
     sim_python = find_sim_python()
     jobs = plan_clips(clips, seed, night_fraction, val_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    procs: list[tuple[subprocess.Popen, object]] = []
     try:
         raw = staging / "raw"
         data = staging / "dataset"
         raw.mkdir()
-        shares = [jobs[w::workers] for w in range(max(1, min(workers, len(jobs))))]
+        # interleave so each worker gets the same mix of day and night clips
+        shares = [jobs[w::workers] for w in range(min(workers, len(jobs)))]
         env = dict(os.environ, LP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        procs = []
         for w, share in enumerate(shares):
             args = [str(sim_python), str(GENERATOR), "--out", str(raw), "--frames", str(frames), "--width",
                     str(width), "--height", str(height), "--warmup", str(warmup), "--traffic-density",
-                    str(traffic_density), "--jobs", json.dumps([{k: j[k] for k in ("id", "seed", "night")}
-                                                               for j in share])]
-            log = open(staging / f"worker{w}.log", "w")  # noqa: SIM115  (closed below)
+                    str(traffic_density), "--map", str(map_blocks),
+                    "--jobs", json.dumps([{k: j[k] for k in ("id", "seed", "night")} for j in share])]
+            log = open(staging / f"worker{w}.log", "w")  # noqa: SIM115  (closed in finally)
             procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         t0 = time.time()
         while any(p.poll() is None for p, _ in procs):
+            failed = [w for w, (p, _) in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                break
             time.sleep(1.0)
             if progress:
                 done = len(list(raw.glob("*.raw.json")))
                 progress(f"{done}/{len(jobs)} clips rendered ({time.time() - t0:.0f} s)")
-        for w, (p, log) in enumerate(procs):
-            log.close()
+        for w, (p, _) in enumerate(procs):
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
             if p.returncode != 0:
-                tail = (staging / f"worker{w}.log").read_text().strip().splitlines()[-3:]
+                tail = [line for line in (staging / f"worker{w}.log").read_text().strip().splitlines()
+                        if line.strip()][-3:]
                 raise DataError(f"{sim_python}: simulator worker {w} failed (exit {p.returncode}): "
                                 + " | ".join(tail))
         for job in jobs:
             meta_path = raw / f"{job['id']}.raw.json"
+            if not meta_path.is_file():
+                raise DataError(f"{meta_path}: simulator: clip not written")
             meta = json.loads(meta_path.read_text())
             meta["format_version"] = 1
             meta["num_frames"] = len(meta["frames"])
@@ -147,10 +166,17 @@ def simulate(
             data, [(j["id"], j["split"]) for j in jobs],
             source="MetaDrive 0.3.0.1 (datasets/metadrive_gen.py)",
             command=command or " ".join(shlex.quote(a) for a in sys.argv),
-            seed=seed, size=[height, width], frames=frames, warmup=warmup, traffic_density=traffic_density,
-            night_fraction=night_fraction, val_fraction=val_fraction,
+            seed=seed, clip_seeds={j["id"]: j["seed"] for j in jobs},
+            size=[height, width], frames=frames, fps=10.0, warmup=warmup, traffic_density=traffic_density,
+            map=str(map_blocks), night_fraction=night_fraction, val_fraction=val_fraction,
+            crowdedness="number of distinct vehicles with a box in at least one frame of the clip",
         )
         os.replace(data, out)
     finally:
+        for p, log in procs:
+            if p.poll() is None:  # interrupted (Ctrl-C) or failed while others still run
+                p.kill()
+                p.wait()
+            log.close()
         shutil.rmtree(staging, ignore_errors=True)
     return out
