@@ -171,18 +171,6 @@ class DemoState:
             self.save()
 
 
-def _to_frame(scenario, resolution):
-    """The scenario with its boxes in the pixel frame of the rolled-out video ((h, w) = `resolution`): the
-    rollout writes the scenario's boxes as the labels of its frames, so both must share one pixel frame."""
-    h, w = resolution
-    if (scenario.height, scenario.width) == (h, w):
-        return scenario
-    sx, sy = w / scenario.width, h / scenario.height
-    frames = [[dataclasses.replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in boxes]
-              for boxes in scenario.frames]
-    return dataclasses.replace(scenario, width=w, height=h, frames=frames)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # evaluation helpers
 # --------------------------------------------------------------------------------------------------------------
@@ -487,7 +475,8 @@ class Demo:
             scen = [sc.Scenario.from_clip(a) for a in picked]
             if relabelled:
                 scen = [dataclasses.replace(x, night=night) for x in scen]
-            scen = [_to_frame(sc.resample(x, cfg.fps) if x.fps != cfg.fps else x, cfg.resolution) for x in scen]
+            scen = [sc.rescale(sc.resample(x, cfg.fps) if x.fps != cfg.fps else x, cfg.resolution[1], cfg.resolution[0])
+                    for x in scen]
             full = sc.extend(scen, num_frames, "chain")
             full = dataclasses.replace(full, source=f"drivesim demo: {label}, {split} clips "
                                        f"{', '.join(a.clip_id for a in picked)} chained to {num_frames} frames"

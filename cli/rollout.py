@@ -213,7 +213,7 @@ def run_one(scenario_path: Path, models, cfg, out: Path, seed: int, num_frames: 
     import dataclasses
 
     from drivesim.datasets.clips import Box, ClipAnnotation, write_json_atomic, write_manifest
-    from drivesim.datasets.scenario import load_scenario, save_scenario, window
+    from drivesim.datasets.scenario import load_scenario, rescale, save_scenario, window
 
     from drivesim.configs import to_dict
     from drivesim.rollout import Rollout, make_plan
@@ -229,7 +229,8 @@ def run_one(scenario_path: Path, models, cfg, out: Path, seed: int, num_frames: 
     scenario = prepare_scenario(scenario_path, cfg.fps, plan.cond_frames)
     max_boxes = models.image_ldm.config.unet.boxes.max_boxes
     cond_fn = make_cond_fn(scenario, max_boxes)
-    labels = window(scenario, 0, num_frames)
+    # the labels of the output frames: the scenario's boxes in the pixel frame of the rolled-out video
+    labels = rescale(window(scenario, 0, num_frames), resolution[1], resolution[0])
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": to_dict(cfg), "seed": seed, "num_frames": num_frames, "scenario": str(scenario_path),
               "checkpoints": str(ckpt_dir), "checkpoint_fingerprint": models.fingerprint,

@@ -319,6 +319,26 @@ def extend(scenario: Scenario | Sequence[Scenario], num_frames: int, mode: str =
                     frames, source=f"{first.source} {what}")
 
 
+def rescale(scenario: Scenario, width: int, height: int) -> Scenario:
+    """The scenario with its boxes moved into a `width` x `height` pixel frame (x scaled by width / scenario.width,
+    y by height / scenario.height); the same object when the frame is unchanged.
+
+    A rollout at a resolution other than the scenario's writes the scenario's boxes as the labels of its frames, so
+    both must share one pixel frame (the conditioning itself is normalised and does not change).
+
+    Raises:
+        ValueError: width or height < 1.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"rescale: width/height must be >= 1, got {width}x{height}")
+    if (scenario.width, scenario.height) == (width, height):
+        return scenario
+    sx, sy = width / scenario.width, height / scenario.height
+    frames = [[replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in boxes]
+              for boxes in scenario.frames]
+    return replace(scenario, width=width, height=height, frames=frames)
+
+
 def window(scenario: Scenario, start: int, length: int) -> Scenario:
     """Frames [start, start + length) as a scenario (track ids unchanged).
 

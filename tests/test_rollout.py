@@ -241,3 +241,19 @@ def test_scenarios_are_sharded_over_ranks(stack, tmp_path):
     assert done == [{"a": 0, "c": 2}, {"b": 1}]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
     assert all(read_video(tmp_path / "out" / s / "rollout.mp4").shape[0] == 1 for s in "abc")
+
+
+def test_labels_follow_the_rollout_resolution(stack, tmp_path):
+    """A rollout at twice the scenario's pixel size writes the scenario's boxes scaled into its own frame."""
+    ckpt, scen = stack
+    out = tmp_path / "big"
+    from drivesim.cli.main import main
+
+    assert main(["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "5", "--out", str(out),
+                 "--quiet", "--set", "steps=1", "--set", "resolution=[64, 128]"]) == 0
+    ann = read_annotation(out / "rollout.json")
+    assert (ann.width, ann.height) == (128, 64)
+    assert read_video(out / "rollout.mp4").shape[1:3] == (64, 128)
+    first = {b.track_id: b for b in ann.frames[0]}
+    assert (first["1"].x1, first["1"].y1, first["1"].x2, first["1"].y2) == (10.0, 20.0, 50.0, 52.0)
+    assert (first["2"].x1, first["2"].x2) == (80.0, 92.0)
