@@ -31,8 +31,9 @@ object id, renumbered 0, 1, ... in order of first appearance in the clip. `crowd
 vehicles that have a box in at least one frame of the clip.
 
 Night: MetaDrive 0.3.0.1 has no time of day, so night is made by dimming the world's directional and ambient light,
-setting the camera buffers' clear colour (the sky) to a dark blue, and parenting a spotlight to the ego car as
-headlights.
+setting the camera buffers' clear colour (the sky) to a dark blue, a spotlight parented to the ego car as headlights
+(it lights the vehicles ahead), a light pool on the road ahead (see `_light_pool`), and small unlit red tail lamps
+and white head lamps on every other vehicle, so that labelled vehicles stay visible in the dark.
 
 Speed on a CPU (Mesa llvmpipe; facts in `shared/notes/metadrive.md` plus one found here): the ground plane's
 texture (a 20 km card, texture repeated 2000 times) is sampled with 8x anisotropic filtering, which llvmpipe
