@@ -93,6 +93,17 @@ def test_config_checks():
         Upsampler(dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, in_channels=4)))
 
 
+def test_patch_needs_only_lcm_of_scale_and_unet_downsampling():
+    """SPEC step 5 trains on 80 x 80 patches at x4 with a /8 U-Net: 80 is not a multiple of 4 x 8 but is valid."""
+    from drivesim.models.upsampler import check_upsampler_config
+
+    check_upsampler_config(get_preset("paper-512x1024").upsampler)
+    cfg = dataclasses.replace(get_preset("tiny").upsampler, patch_size=20)  # x4, U-Net /2: lcm 4 (4 x 2 = 8)
+    torch.manual_seed(0)
+    loss, _ = Upsampler(cfg).loss({"frames": torch.rand(1, 2, 3, 32, 64) * 2 - 1})
+    assert torch.isfinite(loss)
+
+
 def test_checkpoint_round_trip(tiny, tmp_path):
     import drivesim
     from drivesim.training.checkpoint import save_model

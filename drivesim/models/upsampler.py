@@ -21,6 +21,8 @@ made by area downsampling x `scale`. `Upsampler.upsample(video_lowres)` returns 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -73,9 +75,12 @@ def check_upsampler_config(config: UpsamplerConfig, source: str = "config") -> N
         raise ConfigError(f"{source}: upsampler.unet.in_channels: the upsampler needs in_channels 6 (noisy RGB + "
                           f"low-res RGB) and out_channels 3, got {config.unet.in_channels}/{config.unet.out_channels}")
     factor = 2 ** (len(config.unet.channel_mult) - 1)
-    if config.patch_size % (config.scale * factor) or config.patch_size < config.scale * factor:
-        raise ConfigError(f"{source}: upsampler.patch_size: must be a positive multiple of scale x U-Net "
-                          f"downsampling = {config.scale * factor}, got {config.patch_size}")
+    # the U-Net runs on the high-resolution patch (noisy target + upsampled low-res input), so the patch must be
+    # divisible by its downsampling; the low-res crop is patch / scale pixels (SPEC step 5: 80 x 80 at x4, U-Net /8)
+    multiple = math.lcm(config.scale, factor)
+    if config.patch_size % multiple or config.patch_size < multiple:
+        raise ConfigError(f"{source}: upsampler.patch_size: must be a positive multiple of lcm(scale, U-Net "
+                          f"downsampling) = {multiple}, got {config.patch_size}")
     if config.chunk_frames < 1:
         raise ConfigError(f"{source}: upsampler.chunk_frames: must be >= 1, got {config.chunk_frames}")
     if not 0 <= config.max_noise_level < config.diffusion.num_train_timesteps:
