@@ -375,3 +375,14 @@ def test_train_cli_smoke_and_bad_input(capsys, tmp_path, monkeypatch):
     assert code == 1 and "no training builder registered" in err
     code, _, err = _cli(capsys, "train", "warp_drive", "--preset", "tiny", "--data", str(tmp_path), "--out", str(out))
     assert code == 1 and "unknown stage 'warp_drive'" in err
+
+
+def test_eta_is_capped_by_the_time_budget():
+    from drivesim.training.loop import eta_seconds, format_eta
+
+    assert eta_seconds(100, 2000, 1.0, 60.0, None) == 1900.0  # steps only
+    assert eta_seconds(100, 2000, 1.0, 60.0, 180.0) == 120.0  # a 3-minute budget ends it first
+    assert eta_seconds(1990, 2000, 1.0, 60.0, 180.0) == 10.0  # the steps end first
+    assert eta_seconds(0, 2000, 0.0, 0.0, None) is None
+    assert eta_seconds(0, 2000, 0.0, 200.0, 180.0) == 0.0
+    assert format_eta(3725.2) == "1:02:05" and format_eta(None) == "-"

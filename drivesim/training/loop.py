@@ -281,7 +281,7 @@ def train(
     last_saved_step = start_step if latest is not None else -1
     stop_reason, final_loss = "max_steps", None
     t0 = time.monotonic()
-    bar = _Progress(console, start_step, cfg.max_steps) if (progress and console) else None
+    bar = _Progress(console, start_step, cfg.max_steps, cfg.max_minutes) if (progress and console) else None
     wrapper.train()
     try:
         while step < cfg.max_steps:
@@ -340,7 +340,7 @@ def train(
                     accelerator.log(logs, step=step)
             elapsed = time.monotonic() - t0
             if bar is not None:
-                bar.update(step, None if bad else loss_sum, (step - start_step) / max(elapsed, 1e-9))
+                bar.update(step, None if bad else loss_sum, (step - start_step) / max(elapsed, 1e-9), elapsed)
 
             out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
             if world > 1:  # processes must agree, or one would wait forever in the next collective
@@ -403,26 +403,49 @@ def _console():
 
 
 class _Progress:
-    """Rich progress bar: step, loss, steps/s, ETA (main process only)."""
+    """Rich progress bar: step, loss, steps/s, ETA (main process only).
 
-    def __init__(self, console, start: int, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    The ETA is the sooner of the steps left at the measured rate and what is left of a `max_minutes` budget.
+    """
 
+    def __init__(self, console, start: int, total: int, max_minutes: float | None = None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.total, self.budget_s = total, None if max_minutes is None else max_minutes * 60
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
-            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", rate="-")
+            TextColumn("ETA {task.fields[eta]}"), console=console, transient=False)
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", rate="-", eta="-")
         self.progress.start()
 
-    def update(self, step: int, loss: float | None, rate: float) -> None:
-        fields = {"rate": f"{rate:.2f}"}
+    def update(self, step: int, loss: float | None, rate: float, elapsed: float) -> None:
+        fields = {"rate": f"{rate:.2f}", "eta": format_eta(eta_seconds(step, self.total, rate, elapsed,
+                                                                        self.budget_s))}
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
         self.progress.update(self.task, completed=step, **fields)
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def eta_seconds(step: int, total: int, rate: float, elapsed: float, budget_s: float | None) -> float | None:
+    """Seconds left: (total - step) / rate (steps/s), capped by `budget_s - elapsed` when a time budget is set;
+    None while the rate is unknown and there is no budget."""
+    by_steps = (total - step) / rate if rate > 0 else None
+    if budget_s is None:
+        return by_steps
+    by_budget = max(budget_s - elapsed, 0.0)
+    return by_budget if by_steps is None else min(by_steps, by_budget)
+
+
+def format_eta(seconds: float | None) -> str:
+    """h:mm:ss, or "-" when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "build_param_groups", "validate_train_config"]
