@@ -177,3 +177,30 @@ def preview_cmd(
 
     preview(path, out, clip or None, frame, scale)
     typer.echo(f"{out}: written")
+
+
+@app.command("filmstrip")
+def filmstrip_cmd(
+    path: Path = typer.Argument(..., help="Dataset or rollout folder (clip format)."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    at: list[float] = typer.Option(..., "--at", help="Start time of a row in seconds (repeatable)."),
+    clip: str = typer.Option(None, "--clip", help="Clip id (default: the folder's first clip)."),
+    frames: int = typer.Option(4, "--frames", help="Frames per row."),
+    step: int = typer.Option(2, "--step", help="Frames between two frames of a row."),
+    scale: int = typer.Option(2, "--scale", help="Upscaling factor of the picture."),
+) -> None:
+    """One row of frames (boxes drawn) per --at time of one clip: e.g. minutes 0, 5 and 10 of a rollout.
+
+    Example: drivesim data filmstrip runs/rollout --at 0 --at 300 --at 596 --out filmstrip.png
+    """
+    from drivesim.datasets.clips import read_annotation, read_manifest
+    from drivesim.datasets.preview import filmstrip
+
+    from drivesim.errors import DataError
+
+    manifest = read_manifest(path)
+    entries = [c for c in manifest.clips if clip is None or c.clip_id == clip]
+    if not entries:
+        raise DataError(f"{manifest.root / 'manifest.json'}: --clip: unknown clip id {clip!r}")
+    filmstrip(entries[0].video, read_annotation(entries[0].annotation), at, out, frames, step, scale)
+    typer.echo(f"{out}: written")

@@ -68,4 +68,56 @@ def preview(dataset: str | Path, out: str | Path, clip_ids: list[str] | None = N
     return out
 
 
-__all__ = ["ClipAnnotation", "draw_boxes", "preview"]
+def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float], out: str | Path,
+              frames_per_row: int = 4, step: int = 2, scale: int = 2) -> Path:
+    """Write a PNG with one row per time in `times_s`: `frames_per_row` frames `step` apart starting at that time,
+    each with the annotation's boxes of that frame drawn (e.g. minutes 0, 5 and 10 of a long rollout).
+
+    The video is decoded once, sequentially (PyAV), keeping only the frames drawn, so memory does not depend on
+    its length.
+
+    Args:
+        video: mp4 of the clip; annotation: its clip-format annotation (fps, boxes in the video's pixels).
+        times_s: start times in seconds; a time past the end is clamped to the last full row.
+
+    Raises:
+        DataError: unreadable video, a time < 0, or the PNG cannot be written (names the file / option).
+    """
+    import av
+
+    if any(t < 0 for t in times_s):
+        raise DataError(f"{out}: --at: times must be >= 0, got {times_s}")
+    last = annotation.num_frames - 1
+    starts = [min(int(round(t * annotation.fps)), max(last - (frames_per_row - 1) * step, 0)) for t in times_s]
+    wanted = {min(s + j * step, last) for s in starts for j in range(frames_per_row)}
+    picked: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(video)) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                if k in wanted:
+                    picked[k] = frame.to_ndarray(format="rgb24")
+                if k >= max(wanted):
+                    break
+    except (OSError, av.error.FFmpegError) as e:
+        raise DataError(f"{video}: video: cannot decode ({e})") from None
+    rows = []
+    for s in starts:
+        tiles = []
+        for j in range(frames_per_row):
+            k = min(s + j * step, last)
+            if k not in picked:
+                raise DataError(f"{video}: video: has no frame {k} (annotation has {annotation.num_frames})")
+            img = draw_boxes(picked[k], annotation.frames[k], scale)
+            cv2.putText(img, f"{k / annotation.fps:.1f} s", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+            tiles += [img, np.full((img.shape[0], 2, 3), 255, np.uint8)]
+        rows += [np.concatenate(tiles[:-1], axis=1), np.full((2, sum(x.shape[1] for x in tiles[:-1]), 3), 255,
+                                                              np.uint8)]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), cv2.cvtColor(np.concatenate(rows[:-1]), cv2.COLOR_RGB2BGR)):
+        raise DataError(f"{out}: --out: could not write the PNG")
+    return out
+
+
+__all__ = ["ClipAnnotation", "draw_boxes", "filmstrip", "preview"]

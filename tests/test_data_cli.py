@@ -63,3 +63,18 @@ def test_info_and_validate_on_committed_sample(capsys):
     assert summary["splits"]["train"]["clips"] >= 48 and summary["splits"]["val"]["clips"] >= 16
     assert summary["all"]["night"] > 0 and summary["all"]["day"] > 0
     assert main(["data", "validate", str(SAMPLE)]) == 0
+
+
+def test_filmstrip_rows_at_times(tmp_path, capsys):
+    """One row per --at time (a time past the end gives the last full row); a negative time is one error line."""
+    import cv2
+
+    root = tmp_path / "ds"
+    write_synthetic_dataset(root, clips=1, frames=12, size=(32, 64))
+    out = tmp_path / "strip.png"
+    assert main(["data", "filmstrip", str(root), "--at", "0", "--at", "0.4", "--at", "99", "--frames", "3",
+                 "--step", "2", "--scale", "1", "--out", str(out)]) == 0
+    img = cv2.imread(str(out))
+    assert img.shape == (3 * 32 + 2 * 2, 3 * 64 + 2 * 2, 3)
+    assert main(["data", "filmstrip", str(root), "--at", "-1", "--out", str(tmp_path / "x.png")]) == 1
+    assert "--at" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
