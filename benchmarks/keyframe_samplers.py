@@ -5,8 +5,8 @@ steps should land close to DDIM at 50 at 2.5x fewer network calls. For each val 
 and last window of every val clip of the latent cache, as in `video_ldm_temporal.py`):
 1. key frames: the prediction model continues the window's first real latent frame (S = 1 context) to 5 key
    frames at stride 4, once per sampler setting (timed: this is the part being compared);
-2. the interpolation model fills the gaps with ONE fixed setting (its config's sampler and steps) for every
-   variant, so FVD differences come from the key frames only;
+2. the interpolation model fills the gaps with ONE fixed setting (its config's sampler, `--fill-steps` steps) for
+   every variant, so FVD differences come from the key frames only;
 3. the autoencoder decodes the first 16 frames; FVD_16 against the val clips' own 16-frame windows.
 Also reported: mean |keys(dpmpp 20) - keys(ddim 50)| over the scaled key latents, next to the mean |keys(ddim 50)|
 (how far apart the two solvers land from the same noise).
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--interpolation", type=Path, required=True)
     ap.add_argument("--max-clips", type=int, default=None)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--fill-steps", type=int, default=10, help="DDIM steps of the (shared) interpolation fill")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="keyframe_samplers", help="result name under benchmarks/results/")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
                              generator=torch.Generator().manual_seed(args.seed + s))
             key_s[name] += time.perf_counter() - t0
             keys[name].append(k)
-            z = fill_keys(interp, batch, k, None, args.seed + s + 1, None, None)
+            z = fill_keys(interp, batch, k, args.fill_steps, args.seed + s + 1, None, None)
             videos[name].append(_to_uint8(ae.decode_scaled(z[:, :16])))
         print(f"windows {min(s + args.batch, len(indices))}/{len(indices)}  " +
               "  ".join(f"{n} keys {key_s[n]:.0f}s" for n in names), flush=True)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref, fast = all_keys[names[0]], all_keys[names[1]]
     result = {
         "machine": machine(), "windows": len(indices), "real_clips": int(len(real)), "resolution": list(size),
-        "key_frames_per_window": 5, "torch_threads": torch.get_num_threads(),
+        "key_frames_per_window": 5, "fill_steps": args.fill_steps, "torch_threads": torch.get_num_threads(),
         "checkpoints": {"prediction": str(args.prediction), "interpolation": str(args.interpolation),
                         "autoencoder": str(args.ae)},
         "variants": {n: {"sampler": s, "steps": st, "key_sampling_s": round(key_s[n], 2),
