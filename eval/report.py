@@ -317,8 +317,10 @@ def _curve_table(r: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td class='num'>{c['start_frame']}–{c.get('end_frame', '')}</td>"
                    f"<td class='num'>{fmt(c['fvd'])}</td><td class='num'>{_e(c.get('num_videos', ''))}</td></tr>"
                    for c in r["curve"])
-    return (f"<h3>{_e(result_label(r))}</h3><table class='curve'><tr><th>frames</th><th>FVD<sub>16</sub></th>"
-            f"<th>clips in window</th></tr>{rows}</table>")
+    # folded: a multi-minute rollout has hundreds of windows, and the samples below should stay in view
+    return (f"<details><summary>{_e(result_label(r))}: FVD<sub>16</sub> of each window ({len(r['curve'])})</summary>"
+            f"<table class='curve'><tr><th>frames</th><th>FVD<sub>16</sub></th>"
+            f"<th>clips in window</th></tr>{rows}</table></details>")
 
 
 def _protocol_block(r: dict[str, Any]) -> str:
