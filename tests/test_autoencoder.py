@@ -191,12 +191,14 @@ def test_chunk_windows_cover_and_overlap():
 def test_chunked_decode_equals_unchunked_for_image_decoder(ae):
     z = torch.randn(2, 11, 4, H // 8, W // 8)
     full = ae.decode(z, num_frames=11)
+    # equal up to float rounding: oneDNN picks convolution kernels by batch size, so a 4-frame and an 11-frame
+    # batch may round differently (measured up to 6.7e-6 with one thread)
     for chunk in (4, 5, 8):
-        torch.testing.assert_close(ae.decode(z, num_frames=chunk), full, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ae.decode(z, num_frames=chunk), full, atol=2e-5, rtol=1e-5)
     video = ae.to_video()
     _randomize_temporal(video)
     with force_alpha_one(video):
-        torch.testing.assert_close(video.decode(z, num_frames=4), full, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(video.decode(z, num_frames=4), full, atol=2e-5, rtol=1e-5)
     # with temporal layers active, seams are blended: chunked output stays close to a one-shot decode
     chunked, oneshot = video.decode(z, num_frames=8), video.decode(z, num_frames=11)
     assert chunked.shape == oneshot.shape and torch.isfinite(chunked).all()
