@@ -5,9 +5,9 @@ Visual tokens v and box tokens g are concatenated and attend jointly; only the v
     v = v + tanh(gamma_attn) * TS(SelfAttn(LN([v, W g])))     (TS keeps the first |v| tokens)
     v = v + tanh(gamma_ff)   * FF(LN(v))
 
-Both gates start at 0, so a freshly inserted layer is the identity and the output does not depend on the boxes
-(exactly: 0 * finite = 0). Attention is `torch.nn.functional.scaled_dot_product_attention` without a mask: null
-tokens take part like every other token, as in GLIGEN.
+Both gates start at 0 (default `gate_init`), so a freshly inserted layer is the identity and the output does not
+depend on the boxes (exactly: 0 * finite = 0). Attention is `torch.nn.functional.scaled_dot_product_attention`
+without a mask: null tokens take part like every other token, as in GLIGEN.
 
 Leaf module: torch and einops only.
 """
@@ -28,9 +28,11 @@ class GatedSelfAttention(nn.Module):
         context_dim: width of the box tokens (d); projected to `dim`.
         num_heads: attention heads (`dim` must be divisible by it).
         ff_mult: hidden width multiplier of the feed-forward branch.
+        gate_init: initial value of both gates (GLIGEN: 0, the identity; tanh(gate_init) of the branches is mixed
+            in from the start otherwise).
     """
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, ff_mult: int = 4):
+    def __init__(self, dim: int, context_dim: int, num_heads: int, ff_mult: int = 4, gate_init: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
@@ -41,8 +43,8 @@ class GatedSelfAttention(nn.Module):
         self.attn_out = nn.Linear(dim, dim)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
-        self.gate_attn = nn.Parameter(torch.zeros(()))
-        self.gate_ff = nn.Parameter(torch.zeros(()))
+        self.gate_attn = nn.Parameter(torch.full((), float(gate_init)))
+        self.gate_ff = nn.Parameter(torch.full((), float(gate_init)))
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """x: (N, L, C) visual tokens; tokens: (N, m, d) box tokens -> (N, L, C), dtype of `x`."""

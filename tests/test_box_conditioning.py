@@ -75,6 +75,20 @@ def test_gated_attention_gate_zero_is_identity_and_permutation_invariant():
     torch.testing.assert_close(attn(x, tokens[:, perm]), y, atol=1e-5, rtol=1e-5)
 
 
+def test_gate_init_opens_the_box_path_of_the_unet_from_the_start():
+    """`boxes.gate_init` reaches every gated layer of the U-Net: 0 gives the GLIGEN identity, 1 gives tanh(1)."""
+    import dataclasses
+
+    from drivesim.configs import get_preset
+    from drivesim.unet.spatial import SpatialUNet
+
+    base = get_preset("tiny").image_ldm.unet
+    for init in (0.0, 1.0):
+        unet = SpatialUNet(dataclasses.replace(base, boxes=dataclasses.replace(base.boxes, gate_init=init)))
+        gates = [p for n, p in unet.named_parameters() if n.endswith(("gate_attn", "gate_ff"))]
+        assert gates and all(g.item() == init for g in gates)
+
+
 def _raster(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(n, 4) normalised xyxy -> (h, w) bool of pixel centres inside any box (the box <-> pixel convention)."""
     ys = (torch.arange(h) + 0.5) / h

@@ -176,7 +176,8 @@ class SpatialUNet(nn.Module):
         def attn(ch, ds, part, block):
             heads = ch // config.num_head_channels
             return [(_Attn(ch, config.num_head_channels), LayerSpec("attn", ch, ds, part, block)),
-                    (_BoxAttn(ch, bc.token_dim, heads), LayerSpec("box_attn", ch, ds, part, block))]
+                    (_BoxAttn(ch, bc.token_dim, heads, gate_init=bc.gate_init),
+                     LayerSpec("box_attn", ch, ds, part, block))]
 
         self.input_blocks = nn.ModuleList([UNetBlock([(_ConvIn(config.in_channels, mc, 3, padding=1),
                                                        LayerSpec("conv_in", mc, 1, "input", 0))])])
