@@ -510,6 +510,9 @@ def fvd_over_time(rollouts: str | Path | Sequence[str | Path], real_dir: str | P
     real_draw = draw_windows(real_w, n_real, seed, 0)
     real_feats = _FeatureCache(real_refs, ex, want_frames=False).video_features(real_draw)
     gen_cache = _FeatureCache(refs, ex, want_frames=False)
+    # every window's features up front, in time order: `ensure` decodes a whole video per batch of windows, so
+    # filling the cache point by point would decode a long rollout once per window (quadratic in its length)
+    gen_cache.ensure(sorted(gen_w, key=lambda w: (w.video_id, w.start)))
     curve = []
     for k in range(num_windows):
         members = [w for j in range(k - (pool - 1) // 2, k + pool // 2 + 1) for w in by_index.get(j, [])]

@@ -206,6 +206,18 @@ def test_fvd_features_see_exactly_the_sampled_windows(dataset):
     assert seen["frame"] == 16 * clips and clips <= 2 * 7  # each window extracted once per side
 
 
+def test_fvd_over_time_decodes_a_long_rollout_once_per_batch(tmp_path, dataset, monkeypatch):
+    """A pooled curve over one long rollout must not decode the video again for every window (quadratic)."""
+    rollouts = make_dataset(tmp_path / "rollouts", lengths=(160,), seed0=20)  # 10 windows
+    decodes = []
+    real_decode = protocols._decode
+    monkeypatch.setattr(protocols, "_decode", lambda ref: decodes.append(ref.video_id) or real_decode(ref))
+    rec = fvd_over_time(rollouts, dataset, pool=3, extractors=stand_in_extractors())
+    assert len(rec["curve"]) == 10
+    rollout_decodes = [v for v in decodes if v == "0:clip_000"]  # rollout ids are numbered by source
+    assert len(rollout_decodes) == 1, decodes  # 10 windows fit one decode batch of I3D_BATCH * 8
+
+
 def test_fvd_over_time_per_window_across_rollouts(tmp_path, dataset):
     rollouts = make_dataset(tmp_path / "rollouts", lengths=(48, 48, 40), seed0=10)
     ex = stand_in_extractors()
