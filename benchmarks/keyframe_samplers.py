@@ -22,32 +22,23 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from _common import machine, write_result
-from video_ldm_temporal import _real_windows, _slice_cond, _to_uint8, fill_keys
+from video_ldm_temporal import _slice_cond, _to_uint8, add_model_args, fill_keys, val_windows
 
 VARIANTS = (("ddim", 50), ("dpmpp", 20))
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="clip-format dataset (its val clips are the real set)")
-    ap.add_argument("--cache", type=Path, required=True, help="latent cache of the same dataset (val split)")
-    ap.add_argument("--ae", type=Path, required=True, help="exported (video) autoencoder")
-    ap.add_argument("--prediction", type=Path, required=True)
-    ap.add_argument("--interpolation", type=Path, required=True)
-    ap.add_argument("--max-clips", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8)
+    add_model_args(ap)
     ap.add_argument("--fill-steps", type=int, default=10, help="DDIM steps of the (shared) interpolation fill")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="keyframe_samplers", help="result name under benchmarks/results/")
     args = ap.parse_args(argv)
 
-    from drivesim.datasets.latent_cache import LatentClipDataset
     from drivesim.eval.features import i3d_embeddings
     from drivesim.eval.metrics import fvd
 
@@ -57,14 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     ae, pred, interp = (drivesim.load(p) for p in (args.ae, args.prediction, args.interpolation))
-    val = LatentClipDataset(args.cache, split="val", num_frames=17, frame_stride=1)
-    picks: dict[str, list[tuple[int, int]]] = {}
-    for i, (clip, start) in enumerate(val.windows):
-        picks.setdefault(val.clip_ids[clip], []).append((start, i))
-    indices = [i for cid in sorted(picks)[:args.max_clips] for i in sorted({min(picks[cid])[1], max(picks[cid])[1]})]
-    first = val[indices[0]]
-    size = (first["latents"].shape[-2] * 8, first["latents"].shape[-1] * 8)
-    real = np.concatenate(list(_real_windows(args.data, size, 16, args.max_clips).values()))
+    val, indices, size, real_by_clip = val_windows(args.cache, args.data, args.max_clips)
+    real = np.concatenate(list(real_by_clip.values()))
 
     names = [f"{s}{n}" for s, n in VARIANTS]
     videos: dict[str, list[np.ndarray]] = {k: [] for k in names}

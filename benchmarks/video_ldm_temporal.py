@@ -134,8 +134,37 @@ def generate(pred, interp, batch: dict, steps: int | None, seed: int, guidance_s
     return fill_keys(interp, batch, keys, steps, seed + 1, guidance_scale, context_guidance)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The dataset / cache / checkpoint options shared with `keyframe_samplers.py`."""
+    ap.add_argument("--data", type=Path, required=True, help="clip-format dataset (its val clips are the real set)")
+    ap.add_argument("--cache", type=Path, required=True, help="latent cache of the same dataset (val split)")
+    ap.add_argument("--ae", type=Path, required=True, help="exported (video) autoencoder")
+    ap.add_argument("--prediction", type=Path, required=True)
+    ap.add_argument("--interpolation", type=Path, required=True)
+    ap.add_argument("--max-clips", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def val_windows(cache: Path, data: Path, max_clips: int | None):
+    """The evaluation set: the first and the last 17-frame latent window of every val clip, and the real clips.
+
+    Returns:
+        (val dataset, its window indices, (h, w) of decoded frames, clip id -> (n, 16, h, w, 3) uint8 real windows).
+    """
     from drivesim.datasets.latent_cache import LatentClipDataset
+
+    val = LatentClipDataset(cache, split="val", num_frames=17, frame_stride=1)
+    picks: dict[str, list[tuple[int, int]]] = {}
+    for i, (clip, start) in enumerate(val.windows):
+        picks.setdefault(val.clip_ids[clip], []).append((start, i))
+    indices = [i for cid in sorted(picks)[:max_clips] for i in sorted({min(picks[cid])[1], max(picks[cid])[1]})]
+    first = val[indices[0]]
+    size = (first["latents"].shape[-2] * 8, first["latents"].shape[-1] * 8)
+    return val, indices, size, _real_windows(data, size, 16, max_clips)
+
+
+def main(argv: list[str] | None = None) -> dict:
     from drivesim.eval.features import i3d_embeddings
     from drivesim.eval.metrics import fvd
 
@@ -143,18 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
     from drivesim.nn.temporal import AlphaBlender, force_alpha_one
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="clip-format dataset (its val clips are the real set)")
-    ap.add_argument("--cache", type=Path, required=True, help="latent cache of the same dataset (val split)")
-    ap.add_argument("--ae", type=Path, required=True, help="exported (video) autoencoder")
-    ap.add_argument("--prediction", type=Path, required=True)
-    ap.add_argument("--interpolation", type=Path, required=True)
+    add_model_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the models' config)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="labels/boxes CFG scale")
     ap.add_argument("--context-guidance", type=float, default=None, help="context guidance s (LVDM 1 + w)")
-    ap.add_argument("--max-clips", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-minutes", default=None, help="free text recorded in the report (training budgets)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,14 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     ae = drivesim.load(args.ae)
     pred = drivesim.load(args.prediction)
     interp = drivesim.load(args.interpolation)
-    val = LatentClipDataset(args.cache, split="val", num_frames=17, frame_stride=1)
-    picks = {}
-    for i, (clip, start) in enumerate(val.windows):  # first and last 17-frame window of every clip
-        picks.setdefault(val.clip_ids[clip], []).append((start, i))
-    indices = [i for cid in sorted(picks)[:args.max_clips] for i in sorted({min(picks[cid])[1], max(picks[cid])[1]})]
-    first = val[indices[0]]
-    size = (first["latents"].shape[-2] * 8, first["latents"].shape[-1] * 8)
-    real_by_clip = _real_windows(args.data, size, 16, args.max_clips)
+    val, indices, size, real_by_clip = val_windows(args.cache, args.data, args.max_clips)
     real = np.concatenate(list(real_by_clip.values()))
 
     t0 = time.time()
