@@ -89,7 +89,8 @@ def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float
         raise DataError(f"{out}: --at: times must be >= 0, got {times_s}")
     last = annotation.num_frames - 1
     starts = [min(int(round(t * annotation.fps)), max(last - (frames_per_row - 1) * step, 0)) for t in times_s]
-    wanted = {min(s + j * step, last) for s in starts for j in range(frames_per_row)}
+    rows_k = [[min(s + j * step, last) for j in range(frames_per_row)] for s in starts]  # frame index per tile
+    wanted = {k for row in rows_k for k in row}
     picked: dict[int, np.ndarray] = {}
     try:
         with av.open(str(video)) as container:
@@ -101,10 +102,9 @@ def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float
     except (OSError, av.error.FFmpegError) as e:
         raise DataError(f"{video}: video: cannot decode ({e})") from None
     rows = []
-    for s in starts:
+    for row_k in rows_k:
         tiles = []
-        for j in range(frames_per_row):
-            k = min(s + j * step, last)
+        for k in row_k:
             if k not in picked:
                 raise DataError(f"{video}: video: has no frame {k} (annotation has {annotation.num_frames})")
             img = draw_boxes(picked[k], annotation.frames[k], scale)
