@@ -1,9 +1,10 @@
 """Reconstruction quality of the image decoder vs the video-fine-tuned decoder (issue 4 "Measure and report").
 
 For every val clip of a clip-format dataset: encode all frames with the (shared, frozen) encoder (posterior
-mean), decode once with the image autoencoder's decoder and once with the video autoencoder's decoder (chunked,
-cross-faded, as in use), then report per-frame PSNR and SSIM and the temporal flicker
-mean |(rec[t+1] - rec[t]) - (x[t+1] - x[t])| (on [0, 1] pixels) as one markdown table.
+mean, what `drivesim encode` caches and the diffusion models learn; `--latents sample`: one seeded posterior
+draw per frame, the same draw for every decoder), decode once with the image autoencoder's decoder and once with
+the video autoencoder's decoder (chunked, cross-faded, as in use), then report per-frame PSNR and SSIM and the
+temporal flicker mean |(rec[t+1] - rec[t]) - (x[t+1] - x[t])| (on [0, 1] pixels) as one markdown table.
 
     python benchmarks/ae_recon.py --data data/sample --image-ae runs/ae/model --video-ae runs/vdec/model \
         --image-minutes 11 --video-minutes 7
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-frames", type=int, default=None, help="frames per clip (default: all)")
     ap.add_argument("--image-minutes", type=float, default=None, help="training time of the image AE (report)")
     ap.add_argument("--video-minutes", type=float, default=None, help="training time of the video decoder")
+    ap.add_argument("--latents", choices=("mean", "sample"), default="mean",
+                    help="decode the posterior mean (default) or one seeded posterior sample per frame")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (--latents sample)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--fvd", action="store_true", help="also reconstruction FVD on non-overlapping 16-frame "
                     "windows (I3D weights from `drivesim eval weights`; few windows: compare rows, not papers)")
@@ -81,7 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
         warm = torch.zeros(1, 2, image_ae.config.latent_channels, h // 8, w // 8)
         image_ae.decode(warm), video_ae.decode(warm)  # first-call allocation costs stay out of the timings
         for _, x in _load_val_clips(args.data, (h, w), args.max_clips, args.max_frames):
-            z = image_ae.encode(x).mode()
+            post = image_ae.encode(x)
+            if args.latents == "mean":
+                z = post.mode()
+            else:
+                z = post.sample(torch.Generator().manual_seed(args.seed + n_frames))
             ref = (x + 1) / 2
             for name in rows:
                 t0 = time.perf_counter()
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
                 windows["original"] += _windows16(ref[0].double())
             n_frames += x.shape[1]
 
-    result = {"frames": n_frames, "clips": len(rows["image decoder"]), "alphas": alphas, "rows": {}}
+    result = {"frames": n_frames, "clips": len(rows["image decoder"]), "latents": args.latents, "alphas": alphas,
+              "rows": {}}
     for name, per_clip in rows.items():
         p = torch.cat([r[0] for r in per_clip])
         s = torch.cat([r[1] for r in per_clip])
@@ -119,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["fvd_windows"] = len(windows["original"])
     minutes = {"image decoder": args.image_minutes, "video decoder": args.video_minutes,
                "video decoder, alpha forced to 1": None}
-    print(f"val: {result['clips']} clips, {n_frames} frames at {h}x{w}; video decoder alphas {alphas}")
+    print(f"val: {result['clips']} clips, {n_frames} frames at {h}x{w}, posterior {args.latents} latents; video "
+          f"decoder alphas {alphas}")
     fvd_head = f" rec. FVD ({result.get('fvd_windows')} x 16 frames) |" if args.fvd else ""
     print("| decoder | train time (min) | PSNR (dB) | SSIM | flicker (x1e-3) | decode s/frame |" + fvd_head)
     print("|---|---|---|---|---|---|" + ("---|" if args.fvd else ""))

@@ -120,9 +120,10 @@ def build_autoencoder(preset, data_path, hflip: str = "0.5"):
     return AutoencoderKL(preset.autoencoder), dataset, None
 
 
-_VIDEO_DECODER_FIELDS = ("temporal_merge", "temporal_alpha_init", "video_train_spatial", "decode_chunk_frames",
-                         "decode_chunk_overlap", "disc_start", "disc_weight", "disc_channels", "disc_layers",
-                         "rec_loss", "lpips_weights", "lpips_weight", "dropout")
+_VIDEO_DECODER_FIELDS = ("temporal_merge", "temporal_alpha_init", "video_train_spatial", "video_latents",
+                         "video_temporal_weight", "decode_chunk_frames", "decode_chunk_overlap", "disc_start",
+                         "disc_weight", "disc_channels", "disc_layers", "rec_loss", "lpips_weights", "lpips_weight",
+                         "dropout")
 
 
 @register_stage("video_decoder", help="Video fine-tuning of the decoder (temporal layers, 3D-conv video "

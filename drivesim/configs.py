@@ -64,6 +64,13 @@ class AutoencoderConfig:
     # image decoder (see drivesim.nn.temporal.AlphaBlender); 0.5 gives both paths full gradient
     temporal_alpha_init: float = 0.5
     video_train_spatial: bool = False  # also fine-tune the decoder's spatial layers (encoder always frozen)
+    # latents the video decoder is fine-tuned on: "mean" (posterior mean, what `drivesim encode` caches by default
+    # and so what the diffusion models learn and generate) or "sample" (a posterior sample per frame, LDM's
+    # autoencoder recipe)
+    video_latents: str = "sample"
+    # weight of the temporal-difference loss mean |(rec[t+1] - rec[t]) - (x[t+1] - x[t])| in the video decoder's
+    # fine-tuning (0: off, the paper's recipe of reconstruction + video discriminator only)
+    video_temporal_weight: float = 0.0
     decode_chunk_frames: int = 8
     decode_chunk_overlap: int = 2
 

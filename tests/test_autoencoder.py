@@ -19,6 +19,7 @@ from drivesim.autoencoder import (
     chunk_windows,
     compute_scale_factor,
 )
+from drivesim.autoencoder.metrics import flicker
 from drivesim.configs import AutoencoderConfig, TrainConfig, get_preset
 from drivesim.discriminators import NLayerDiscriminator, VideoDiscriminator3D, hinge_d_loss
 from drivesim.errors import CheckpointError, ConfigError, DataError
@@ -172,6 +173,51 @@ def test_video_autoencoder_freezes_encoder_and_spatial_decoder(ae):
     assert "kl" not in logs
     full = ae.to_video(video_train_spatial=True)
     assert all(p.requires_grad for p in full.decoder.spatial_parameters())
+
+
+def test_video_decoder_fine_tunes_on_posterior_mean_or_sample(ae):
+    """`video_latents`: "mean" decodes the posterior mean (deterministic, what the latent cache stores), "sample" a
+    posterior draw per call (differs between calls)."""
+    x = _frames(t=4)
+    video = ae.to_video(video_latents="mean")
+    _randomize_temporal(video)
+    video.train()
+    with torch.no_grad():
+        z = ae.encode(x).mode()
+        rec1, post = video._reconstruct_for_loss(x)
+        rec2, _ = video._reconstruct_for_loss(x)
+        assert post is None and torch.equal(rec1, rec2)
+        torch.testing.assert_close(rec1, video.decode(z))
+        sampled = ae.to_video(video_latents="sample")
+        sampled.load_state_dict(video.state_dict())
+        sampled.train()
+        assert not torch.equal(sampled._reconstruct_for_loss(x)[0], rec1)
+    with pytest.raises(ConfigError, match="video_latents"):
+        ae.to_video(video_latents="median")
+
+
+def test_video_decoder_temporal_difference_loss(ae):
+    """loss = rec + video_temporal_weight * mean |diff_t(rec) - diff_t(x)| (the flicker measure); off at weight 0."""
+    x = _frames(t=4)
+    video = ae.to_video(video_latents="mean", video_temporal_weight=2.0, disc_start=10**6)
+    _randomize_temporal(video)
+    video.eval()
+    with torch.no_grad():
+        loss, logs = video.loss({"frames": x})
+        rec, _ = video._reconstruct_for_loss(x)
+    temporal = (rec.diff(dim=1) - x.diff(dim=1)).abs().mean()
+    torch.testing.assert_close(logs["temporal"], temporal.item())
+    torch.testing.assert_close(loss, (x - rec).abs().mean() + 2.0 * temporal)
+    torch.testing.assert_close(temporal.double(), 2 * flicker((rec + 1) / 2, (x + 1) / 2).mean())  # on [-1, 1]
+    off = ae.to_video(video_latents="mean", disc_start=10**6)
+    off.load_state_dict(video.state_dict())
+    off.eval()
+    with torch.no_grad():
+        loss0, logs0 = off.loss({"frames": x})
+    assert "temporal" not in logs0
+    torch.testing.assert_close(loss0, (x - rec).abs().mean())
+    with pytest.raises(ConfigError, match="video_temporal_weight"):
+        ae.to_video(video_temporal_weight=-1.0)
 
 
 def test_chunk_windows_cover_and_overlap():

@@ -121,6 +121,10 @@ def _check_config(cfg: AutoencoderConfig) -> None:
         raise ConfigError(f"autoencoder.rec_loss: {cfg.rec_loss!r} not in ('l1', 'l2')")
     if cfg.temporal_merge not in MERGE_STRATEGIES:
         raise ConfigError(f"autoencoder.temporal_merge: {cfg.temporal_merge!r} not in {MERGE_STRATEGIES}")
+    if not cfg.video_temporal_weight >= 0:
+        raise ConfigError(f"autoencoder.video_temporal_weight: {cfg.video_temporal_weight} must be >= 0")
+    if cfg.video_latents not in ("mean", "sample"):
+        raise ConfigError(f"autoencoder.video_latents: {cfg.video_latents!r} not in ('mean', 'sample')")
     if cfg.decode_chunk_frames < 1 or not 0 <= cfg.decode_chunk_overlap < cfg.decode_chunk_frames:
         raise ConfigError("autoencoder.decode_chunk_overlap: need 0 <= overlap < decode_chunk_frames (got "
                           f"{cfg.decode_chunk_overlap}, {cfg.decode_chunk_frames})")
@@ -483,8 +487,13 @@ class AutoencoderKL(nn.Module):
             batch: {"frames": (b, t, 3, H, W) float in [-1, 1]}; other keys are ignored.
 
         Returns:
-            (scalar loss, logs of floats). loss = rec + KL + [lpips] + d_weight * g_adv + d_hinge where
+            (scalar loss, logs of floats). loss = rec + [temporal] + KL + [lpips] + d_weight * g_adv + d_hinge
+            where
             - rec: mean |x - x_rec| (l1) or mean squared error (l2) per pixel value;
+            - temporal (video decoder, `video_temporal_weight` > 0): the weight times the mean
+              |(x_rec[t+1] - x_rec[t]) - (x[t+1] - x[t])| per pixel value (the flicker measure of
+              `drivesim.autoencoder.metrics.flicker`, on [-1, 1] pixels), part of the nll the adaptive GAN weight
+              balances against;
             - KL: kl_weight * KL(q(z|x) || N(0, I)) summed over latent elements, divided by the number of pixel
               values 3*H*W, so kl_weight keeps its LDM meaning (LDM sums both terms per image);
             - after `disc_start` steps: g_adv = -mean D(x_rec) through the discriminator with DETACHED
@@ -504,6 +513,10 @@ class AutoencoderKL(nn.Module):
         rec_loss = diff.mean()
         nll = rec_loss
         logs: dict[str, float] = {"rec": rec_loss.item()}
+        if self.config.video_decoder and self.config.video_temporal_weight > 0 and x.shape[1] > 1:
+            temporal = (rec.diff(dim=1) - x.diff(dim=1)).abs().mean()
+            nll = nll + self.config.video_temporal_weight * temporal
+            logs["temporal"] = temporal.item()
         if self._lpips:
             lp = self._lpips[0].to(x.device)
             p_loss = lp(rearrange(x, "b t c h w -> (b t) c h w"), rearrange(rec, "b t c h w -> (b t) c h w")).mean()
@@ -618,8 +631,10 @@ class VideoAutoencoder(AutoencoderKL):
         return self
 
     def _reconstruct_for_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian | None]:
+        """Decode the frozen encoder's posterior mean or sample (`config.video_latents`)."""
         with torch.no_grad():
-            z = self.encode(x).sample()
+            post = self.encode(x)
+            z = post.mode() if self.config.video_latents == "mean" else post.sample()
         return self._decode_frames(z), None
 
     def _disc_input(self, frames: torch.Tensor) -> torch.Tensor:
