@@ -556,7 +556,9 @@ class VideoAutoencoder(AutoencoderKL):
 
     The encoder is frozen (`requires_grad=False`) so latents stay those the diffusion models were trained on;
     the decoder's spatial layers are frozen unless `config.video_train_spatial`; the temporal layers train.
-    The loss is rec + d_weight * g_adv + d_hinge against `VideoDiscriminator3D` (no KL: the encoder is frozen).
+    The loss is rec + [video_temporal_weight * temporal difference] + d_weight * g_adv + d_hinge against
+    `VideoDiscriminator3D` (no KL: the encoder is frozen), on the posterior mean or a posterior sample of the frozen
+    encoder (`config.video_latents`; mean by default, what the latent cache stores).
     With every alpha = 1 (`drivesim.nn.temporal.force_alpha_one(model)`) the decoder IS the image decoder,
     bit for bit.
     """
