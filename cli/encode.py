@@ -77,8 +77,7 @@ def encode_cmd(
                        "not an exported model folder, so it was not updated)")
 
     def encode_fn(frames: torch.Tensor) -> torch.Tensor:
-        post = model.encode(frames.to(device)[None])
-        return (post.sample() if sample else post.mode())[0]
+        return model.encode(frames.to(device)[None]).latents(sample)[0]
 
     fields, digest = model.encoder_fingerprint()
     path = write_cache(data, encode_fn, out, encoder_id(fields, digest), batch_frames=batch_frames,

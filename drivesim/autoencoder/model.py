@@ -104,6 +104,10 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def latents(self, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`sample(generator)` when `sample`, else `mode()`: the one switch between posterior draws and means."""
+        return self.sample(generator) if sample else self.mode()
+
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) summed over the last three (c, h, w) axes: shape = leading axes, e.g. (b, t)."""
         return 0.5 * torch.sum(self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar, dim=(-3, -2, -1))
@@ -351,9 +355,7 @@ class AutoencoderKL(nn.Module):
 
         sample=True draws from the posterior (LDM trains its diffusion model on samples); False gives the mean.
         """
-        post = self.encode(frames)
-        z = post.sample(generator) if sample else post.mode()
-        return z * self.config.scale_factor
+        return self.encode(frames).latents(sample, generator) * self.config.scale_factor
 
     # ---------------------------------------------------------------------------------------------- decode
     def _check_latents(self, latents: torch.Tensor) -> None:
@@ -412,8 +414,7 @@ class AutoencoderKL(nn.Module):
 
     def forward(self, frames: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """Reconstruct frames (b, t, 3, H, W) through the posterior mean (or a sample), decoded in one go."""
-        post = self.encode(frames)
-        return self._decode_frames(post.sample() if sample else post.mode())
+        return self._decode_frames(self.encode(frames).latents(sample))
 
     # ---------------------------------------------------------------------------------------------- scale
     def set_scale_factor(self, scale_factor: float) -> None:
@@ -635,8 +636,7 @@ class VideoAutoencoder(AutoencoderKL):
     def _reconstruct_for_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian | None]:
         """Decode the frozen encoder's posterior mean or sample (`config.video_latents`)."""
         with torch.no_grad():
-            post = self.encode(x)
-            z = post.mode() if self.config.video_latents == "mean" else post.sample()
+            z = self.encode(x).latents(sample=self.config.video_latents == "sample")
         return self._decode_frames(z), None
 
     def _disc_input(self, frames: torch.Tensor) -> torch.Tensor:
@@ -664,8 +664,7 @@ def compute_scale_factor(model: AutoencoderKL, frames_iter: Iterable[torch.Tenso
     for i, frames in enumerate(frames_iter):
         if max_batches is not None and i >= max_batches:
             break
-        post = model.encode(frames)
-        z = (post.sample() if sample else post.mode()).double()
+        z = model.encode(frames).latents(sample).double()
         n += z.numel()
         s1 += z.sum().item()
         s2 += z.pow(2).sum().item()
