@@ -129,3 +129,73 @@ def fvd_over_time_cmd(
 
     record = fvd_over_time(rollouts, real, pool=pool, n_real=n_real, seed=seed, split=split)
     _emit_result(record, as_json, out)
+
+
+# ---- box fidelity (eval/detector.py, eval/box_fidelity.py) ----------------------------------------------------
+
+
+@app.command("train-detector")
+def train_detector_cmd(
+    data: Path = typer.Argument(..., help="Clip-format dataset; its train split trains the detector."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, model/."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (default 1200)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Frames per step (default 16)."),
+    seed: int = typer.Option(0, "--seed", help="Initial weights and data order."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's latest checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train the reference box detector (a small CenterNet) on real clips: the yardstick of `drivesim eval boxes`."""
+    import dataclasses
+
+    from drivesim.eval.detector import default_train_config, train_detector
+
+    if not data.exists():
+        raise ConfigError(f"{data}: DATA: no such dataset folder")
+    tc = default_train_config()
+    tc = dataclasses.replace(tc, seed=seed, **{k: v for k, v in {"max_steps": max_steps,
+                                                                 "batch_size": batch_size}.items() if v})
+    result = train_detector(data, out, train_config=tc, resume=resume, progress=progress)
+    typer.echo(f"detector: step {result.step} ({result.stop_reason}); model: {result.export_dir}")
+
+
+@app.command("boxes")
+def boxes_cmd(
+    detector: Path = typer.Option(..., "--detector", help="A detector from `drivesim eval train-detector` (run "
+                                                         "folder or its model/)."),
+    clips: Path = typer.Option(..., "--clips", help="Clip-format dataset whose frames are scored."),
+    split: str | None = typer.Option("val", "--split", help="Split of --clips ('all' for every clip)."),
+    against: Path | None = typer.Option(None, "--against", help="Score against the boxes of the same clip ids in "
+                                                                "this dataset instead of the clips' own."),
+    against_split: str | None = typer.Option(None, "--against-split", help="Split of --against (default: all)."),
+    shuffle_seed: int | None = typer.Option(None, "--shuffle", help="Score against another clip's boxes (a seeded "
+                                                                   "derangement): the lower-bound control."),
+    max_clips: int | None = typer.Option(None, "--max-clips", min=1, help="Only the first N clips."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result record as JSON."),
+    out: Path | None = typer.Option(None, "--out", help="Write the result record (JSON) here."),
+) -> None:
+    """Box fidelity: the reference detector's COCO AP / AP50 / AP75 (pycocotools) on the frames of --clips against
+    their boxes, by COCO size and by sqrt(area) buckets (<8, 8-16, >=16, >=12 px)."""
+    import json
+
+    from drivesim.eval.box_fidelity import evaluate_boxes
+    from drivesim.eval.protocols import write_result
+    from rich.console import Console
+    from rich.table import Table
+
+    if against is not None and shuffle_seed is not None:
+        raise ConfigError("--against and --shuffle: give one of them")
+    record = evaluate_boxes(detector, clips, None if split == "all" else split, against=against,
+                            against_split=against_split, shuffle_seed=shuffle_seed, max_clips=max_clips)
+    if out is not None:
+        write_result(out, record)
+    if as_json:
+        typer.echo(json.dumps(record, indent=1))
+        return
+    table = Table(title=f"box AP on {clips} ({record['protocol']['frames']} frames) vs "
+                        f"{record['protocol']['ground_truth']}")
+    for col in ("size", "GT boxes", "AP", "AP50", "AP75"):
+        table.add_column(col, justify="right")
+    for name, row in record["ap"].items():
+        table.add_row(name, str(row["num_gt"]), *("-" if row[k] is None else f"{row[k]:.3f}"
+                                                   for k in ("AP", "AP50", "AP75")))
+    Console().print(table)

@@ -50,6 +50,10 @@ class AutoencoderConfig:
     scale_factor: float = 1.0
     # loss (LDM recipe)
     rec_loss: str = "l1"
+    # extra weight of the reconstruction error inside the frame's boxes: loss += box_weight * (mean error over box
+    # pixels, each weighted by its fractional box coverage). Boxes are ~0.3% of a driving frame's pixels, so a plain
+    # mean lets a young autoencoder trade every car for sky and road (0: LDM's loss)
+    box_weight: float = 0.0
     kl_weight: float = 1e-6
     disc_start: int = 50001
     disc_weight: float = 0.5

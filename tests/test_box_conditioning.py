@@ -53,9 +53,10 @@ def test_invalid_slot_contents_are_ignored():
     garbage[0, 0, 2] = float("nan")
     b = tok(garbage, torch.tensor([[[0, 1, -7]]]), mask)
     assert torch.equal(a, b)
-    # an absent box (n = 2) gives the same token set as a padded third slot
+    # an absent box (n = 2) gives the same token set as a padded third slot, up to the last bits: the MLP runs on
+    # 2 vs 3 rows, and oneDNN/MKL pick other GEMM kernels by row count on some CPUs (seen: avx512 Xeon)
     c = tok(boxes[:, :, :2], classes[:, :, :2], mask[:, :, :2])
-    assert torch.equal(a, c)
+    torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
 
 
 def test_gated_attention_gate_zero_is_identity_and_permutation_invariant():

@@ -59,7 +59,8 @@ def test_per_frame_timesteps_and_diffusers_agreement():
     for b in range(2):
         for f in range(3):
             one = sched.add_noise(x0[b:b + 1, f], noise[b:b + 1, f], t_frame[b:b + 1, f])
-            torch.testing.assert_close(per_frame[b, f], one[0], atol=0, rtol=0)
+            # elementwise a * x0 + s * noise on another shape: vectorised and tail loops may round differently
+            torch.testing.assert_close(per_frame[b, f], one[0], atol=1e-6, rtol=1e-6)
     # (b,) timesteps: same numbers as diffusers' own add_noise / get_velocity
     ref = DDPMScheduler(num_train_timesteps=1000, beta_start=CFG.beta_start, beta_end=CFG.beta_end,
                         beta_schedule="linear")

@@ -99,7 +99,8 @@ def test_padded_slot_equals_absent_box():
     absent = cond.replace(boxes=cond.boxes[:, :, :2], classes=cond.classes[:, :, :2],
                           box_mask=cond.box_mask[:, :, :2])
     x, t = _x(), torch.tensor([10, 900])
-    assert torch.equal(unet(x, t, padded), unet(x, t, absent))
+    # 3 vs 2 box slots: the same maths on other GEMM shapes, so equal up to kernel rounding (not bitwise on every CPU)
+    torch.testing.assert_close(unet(x, t, padded), unet(x, t, absent), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unet(x, t, padded), unet(x, t, cond), atol=1e-4)
 
 

@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import nn
 from torch.func import functional_call
 
+from drivesim.bbox_conditioning.layout import union_coverage
 from drivesim.configs import AutoencoderConfig, TrainConfig
 from drivesim.discriminators import NLayerDiscriminator, VideoDiscriminator3D, hinge_d_loss
 from drivesim.errors import CheckpointError, ConfigError, DataError
@@ -125,6 +126,8 @@ def _check_config(cfg: AutoencoderConfig) -> None:
         raise ConfigError(f"autoencoder.rec_loss: {cfg.rec_loss!r} not in ('l1', 'l2')")
     if cfg.temporal_merge not in MERGE_STRATEGIES:
         raise ConfigError(f"autoencoder.temporal_merge: {cfg.temporal_merge!r} not in {MERGE_STRATEGIES}")
+    if not cfg.box_weight >= 0:
+        raise ConfigError(f"autoencoder.box_weight: {cfg.box_weight} must be >= 0")
     if not cfg.video_temporal_weight >= 0:
         raise ConfigError(f"autoencoder.video_temporal_weight: {cfg.video_temporal_weight} must be >= 0")
     if cfg.video_latents not in ("mean", "sample"):
@@ -491,6 +494,9 @@ class AutoencoderKL(nn.Module):
             (scalar loss, logs of floats). loss = rec + [temporal] + KL + [lpips] + d_weight * g_adv + d_hinge
             where
             - rec: mean |x - x_rec| (l1) or mean squared error (l2) per pixel value;
+            - rec_box (`box_weight` > 0 and the batch has "boxes" (b, t, n, 4) normalised xyxy and "box_mask"
+              (b, t, n)): box_weight times the same error averaged over box pixels, each pixel weighted by its
+              fractional coverage by the union of the frame's boxes (`union_coverage`);
             - temporal (video decoder, `video_temporal_weight` > 0): the weight times the mean
               |(x_rec[t+1] - x_rec[t]) - (x[t+1] - x[t])| per pixel value (the flicker measure of
               `drivesim.autoencoder.metrics.flicker`, on [-1, 1] pixels), part of the nll the adaptive GAN weight
@@ -514,6 +520,12 @@ class AutoencoderKL(nn.Module):
         rec_loss = diff.mean()
         nll = rec_loss
         logs: dict[str, float] = {"rec": rec_loss.item()}
+        if self.config.box_weight > 0 and "boxes" in batch:
+            cover = union_coverage(batch["boxes"], batch["box_mask"], x.shape[-2], x.shape[-1])  # (b, t, H, W)
+            cover = cover[:, :, None].to(diff.dtype)
+            box_rec = (diff * cover).sum() / (cover.sum() * x.shape[2]).clamp_min(1.0)
+            nll = nll + self.config.box_weight * box_rec
+            logs["rec_box"] = box_rec.item()
         if self.config.video_decoder and self.config.video_temporal_weight > 0 and x.shape[1] > 1:
             temporal = (rec.diff(dim=1) - x.diff(dim=1)).abs().mean()
             nll = nll + self.config.video_temporal_weight * temporal

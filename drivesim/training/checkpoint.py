@@ -137,8 +137,10 @@ def read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, to
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+    # a safetensors file starts with its header length (u64, little-endian) and then the JSON header "{...": a length
+    # whose low byte is 0x80 makes it start like a pickle stream, so the magic is only checked when no header follows
+    if head[8:9] != b"{" and head.startswith(_PICKLE_MAGIC):
         raise CheckpointError(f"{path}: carries a pickle payload (torch.save/pickle format), not safetensors; "
                               "drivesim never unpickles checkpoint files")
     try:
