@@ -97,6 +97,19 @@ class BoxConditioningConfig:
 
 
 @dataclass(frozen=True)
+class LayoutConfig:
+    """The spatially aligned box path (T2I-Adapter style): boxes rasterised as layout maps (per-class fractional
+    coverage + in-box position, `drivesim.bbox_conditioning.layout.layout_map`) on a grid `grid_factor` times
+    finer than the latent, encoded by small convs and added after the input conv and each downsampling of the
+    U-Net encoder through zero-initialised 1x1 convs (a fresh model is the model without it). Dropped with the
+    box tokens (`boxes.drop_boxes_p`) for classifier-free guidance."""
+
+    enabled: bool = False
+    grid_factor: int = 2
+    hidden: int = 64
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     """Spatial ADM/LDM U-Net on latents; the video models wrap it (issue 5/6)."""
 
@@ -111,7 +124,11 @@ class UNetConfig:
     num_crowdedness_buckets: int = 5
     drop_night_p: float = 0.1
     drop_crowdedness_p: float = 0.1
+    # probability of dropping day/night, crowdedness and boxes TOGETHER (on top of the independent drops), so the
+    # all-null condition that label/box guidance contrasts against is trained (0.1^3 = 0.1% of samples otherwise)
+    drop_all_p: float = 0.0
     boxes: BoxConditioningConfig = field(default_factory=BoxConditioningConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
     gradient_checkpointing: bool = False
 
 
@@ -257,9 +274,11 @@ def _tiny() -> Preset:
 
 
 def _cpu_small() -> Preset:
+    # layout path on (boxes placed by a spatially aligned map, not only by tokens) and the all-null condition trained
     unet = UNetConfig(
         model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
         num_head_channels=32, boxes=BoxConditioningConfig(max_boxes=16, token_dim=128, fourier_freqs=8),
+        layout=LayoutConfig(enabled=True, grid_factor=2, hidden=64), drop_all_p=0.1,
     )
     base = TrainConfig(max_steps=2000, max_minutes=5.0, batch_size=8, warmup_steps=50, checkpoint_every=250,
                        lr=2e-4, ema_decay=0.995)
@@ -277,7 +296,9 @@ def _cpu_small() -> Preset:
                                   diffusion=DiffusionConfig(num_inference_steps=25)),
         interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1,
                                      diffusion=DiffusionConfig(num_inference_steps=25)),
-        upsampler=UpsamplerConfig(patch_size=64, unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
+        # the pixel-space upsampler takes no boxes
+        upsampler=UpsamplerConfig(patch_size=64, unet=dataclasses.replace(unet, in_channels=6, out_channels=3,
+                                                                          layout=LayoutConfig())),
         # the video decoder trains on whole 128x256 clips at full resolution: batch 8 peaks at 9.0 GiB and 43 s/step
         # on one CPU thread, batch 2 at 2.8 GiB and ~6 s/step (measured); lr 1e-3 for its zero-initialised temporal
         # layers (the recipe measured in the README)
@@ -291,7 +312,7 @@ def _paper() -> Preset:
     unet = UNetConfig(
         model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
         num_head_channels=64, boxes=BoxConditioningConfig(max_boxes=32, token_dim=768, fourier_freqs=8),
-        gradient_checkpointing=True,
+        layout=LayoutConfig(enabled=True, grid_factor=2, hidden=128), drop_all_p=0.1, gradient_checkpointing=True,
     )
     keyframe = TrainConfig(max_steps=73_000, batch_size=40, lr=1e-4, warmup_steps=1000, mixed_precision="bf16",
                            checkpoint_every=2000, ema_decay=0.9999)

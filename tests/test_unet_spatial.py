@@ -15,7 +15,7 @@ from drivesim.types import Conditioning
 from drivesim.unet import SpatialUNet, count_parameters
 
 TINY = get_preset("tiny").image_ldm.unet
-PAPER_PARAMS = 828_031_972
+PAPER_PARAMS = 829_557_988  # 828,031,972 before the layout encoder (1,526,016 parameters)
 
 
 def _unet(open_gates: bool = True, seed: int = 0) -> SpatialUNet:
@@ -192,7 +192,8 @@ def test_preset_param_counts():
     with torch.device("meta"):
         paper = SpatialUNet(get_preset("paper-512x1024").image_ldm.unet)
     assert count_parameters(paper) == PAPER_PARAMS
-    assert count_parameters(SpatialUNet(get_preset("cpu-small").image_ldm.unet)) == 6_515_858
+    # 6,515,858 before the layout encoder
+    assert count_parameters(SpatialUNet(get_preset("cpu-small").image_ldm.unet)) == 6_761_618
 
 
 def test_bad_config_raises():

@@ -78,3 +78,26 @@ class Guidance:
 
     def __repr__(self) -> str:
         return "Guidance(" + ", ".join(f"{t.name or t.weaken.__name__}={t.scale:g}" for t in self.terms) + ")"
+
+
+def drop_conditions(cond: Conditioning, unet_config, generator: torch.Generator | None = None) -> Conditioning:
+    """Classifier-free-guidance dropout for training: each sample's day/night, crowdedness and box set (tokens and
+    layout) are replaced by their learned nulls independently with `drop_night_p`, `drop_crowdedness_p`,
+    `boxes.drop_boxes_p`, and all three together with `drop_all_p` (so the all-null branch that label/box guidance
+    subtracts is trained, not seen by 0.1^3 of the samples).
+
+    Args:
+        cond: the batch's `Conditioning` (b samples).
+        unet_config: the model's `UNetConfig` (the probabilities).
+        generator: CPU generator for the draws (None: the global RNG). With `drop_all_p` = 0 the draws are exactly
+            those of a (3, b) uniform tensor, as before the joint drop existed.
+
+    Returns:
+        `cond` with `drop_night`, `drop_crowdedness`, `drop_boxes` (b,) bool set.
+    """
+    b, device, cfg = cond.batch_size, cond.boxes.device, unet_config
+    u = torch.rand(4 if cfg.drop_all_p > 0 else 3, b, generator=generator).to(device)
+    all_null = u[3] < cfg.drop_all_p if cfg.drop_all_p > 0 else torch.zeros(b, dtype=torch.bool, device=device)
+    return cond.replace(drop_night=(u[0] < cfg.drop_night_p) | all_null,
+                        drop_crowdedness=(u[1] < cfg.drop_crowdedness_p) | all_null,
+                        drop_boxes=(u[2] < cfg.boxes.drop_boxes_p) | all_null)

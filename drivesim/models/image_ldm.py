@@ -13,7 +13,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from drivesim.configs import ImageLDMConfig
-from drivesim.diffusion import Denoiser, Guidance
+from drivesim.diffusion import Denoiser, Guidance, drop_conditions
 from drivesim.diffusion import sample as run_sampler
 from drivesim.errors import DataError
 from drivesim.registry import register_model
@@ -68,12 +68,8 @@ class ImageLDM(nn.Module):
         return x0, cond
 
     def drop_for_guidance(self, cond: Conditioning, generator: torch.Generator | None = None) -> Conditioning:
-        """Independently drop each sample's day/night, crowdedness and box set (classifier-free guidance)."""
-        b, device = cond.batch_size, cond.boxes.device
-        u = torch.rand(3, b, generator=generator).to(device)
-        cfg = self.config.unet
-        return cond.replace(drop_night=u[0] < cfg.drop_night_p, drop_crowdedness=u[1] < cfg.drop_crowdedness_p,
-                            drop_boxes=u[2] < cfg.boxes.drop_boxes_p)
+        """Drop each sample's day/night, crowdedness and box set for classifier-free guidance (`drop_conditions`)."""
+        return drop_conditions(cond, self.config.unet, generator)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Diffusion loss (MSE on epsilon or v) of a batch from `LatentClipDataset` (see `images_from_batch`).

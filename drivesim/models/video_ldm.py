@@ -42,7 +42,7 @@ from einops import rearrange
 from torch import nn
 
 from drivesim.configs import VideoLDMConfig
-from drivesim.diffusion import Denoiser, Guidance, GuidanceTerm
+from drivesim.diffusion import Denoiser, Guidance, GuidanceTerm, drop_conditions
 from drivesim.diffusion.schedule import check_diffusion_config
 from drivesim.errors import ConfigError, DataError
 from drivesim.registry import register_model
@@ -164,11 +164,8 @@ class VideoLDM(nn.Module):
         return z_s * rearrange(mask, "b t -> b t 1 1 1").to(z_s.dtype)
 
     def drop_for_guidance(self, cond: Conditioning) -> Conditioning:
-        """Independently drop each clip's day/night, crowdedness and box set (classifier-free guidance)."""
-        b, device, cfg = cond.batch_size, cond.boxes.device, self.config.unet
-        u = torch.rand(3, b).to(device)
-        return cond.replace(drop_night=u[0] < cfg.drop_night_p, drop_crowdedness=u[1] < cfg.drop_crowdedness_p,
-                            drop_boxes=u[2] < cfg.boxes.drop_boxes_p)
+        """Drop each clip's day/night, crowdedness and box set for classifier-free guidance (`drop_conditions`)."""
+        return drop_conditions(cond, self.config.unet)
 
     # -- training --------------------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:

@@ -45,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from drivesim.bbox_conditioning.classes import CROWDEDNESS_BUCKET_EDGES
 from drivesim.bbox_conditioning.gated_attention import GatedSelfAttention
+from drivesim.bbox_conditioning.layout import LayoutEncoder, layout_channels, layout_map
 from drivesim.bbox_conditioning.tokens import BoxTokenizer
 from drivesim.configs import UNetConfig
 from drivesim.errors import ConfigError
@@ -214,6 +215,17 @@ class SpatialUNet(nn.Module):
                     layers.append((_Up(ch), LayerSpec("up", ch, ds, "output", i)))
                 self.output_blocks.append(UNetBlock(layers))
 
+        # layout path: one feature map per encoder level, added after the input conv and after each downsampling
+        self.layout_inject: dict[int, int] = {}  # input block index -> layout feature index
+        if config.layout.enabled:
+            widths = []
+            for i, block in enumerate(self.input_blocks):
+                if block.specs[-1].kind in ("conv_in", "down"):
+                    self.layout_inject[i] = len(widths)
+                    widths.append(block.specs[-1].channels)
+            self.layout_encoder = LayoutEncoder(layout_channels(bc.num_classes), config.layout.hidden, widths,
+                                                config.layout.grid_factor)
+
         self.out_norm = GroupNorm32(ch)
         self.out_conv = nn.Conv2d(ch, config.out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
@@ -278,6 +290,19 @@ class SpatialUNet(nn.Module):
             mask = mask & ~rearrange(cond.drop_boxes.bool(), "b -> b 1 1")
         return self.box_tokenizer(cond.boxes, cond.classes, mask)
 
+    def layout_features(self, cond: Conditioning, height: int, width: int) -> list[torch.Tensor] | None:
+        """Layout-encoder features for latents of `height` x `width`: [((b t), c_k, height / 2^k, width / 2^k)], or
+        None without a layout path. Boxes of samples with `drop_boxes` leave no mark (the null layout)."""
+        if not self.layout_inject:
+            return None
+        mask = cond.box_mask.bool()
+        if cond.drop_boxes is not None:
+            mask = mask & ~rearrange(cond.drop_boxes.bool(), "b -> b 1 1")
+        g = self.config.layout.grid_factor
+        layout = layout_map(cond.boxes, cond.classes, mask, height * g, width * g, self.config.boxes.num_classes)
+        dtype = next(self.layout_encoder.parameters()).dtype
+        return self.layout_encoder(rearrange(layout, "b t c h w -> (b t) c h w").to(dtype))
+
     # -- forward ---------------------------------------------------------------------------------------------
     def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, ctx: UNetContext) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -304,10 +329,13 @@ class SpatialUNet(nn.Module):
             raise ValueError(f"cond.boxes has (b, t) = {tuple(cond.boxes.shape[:2])}, latents have {(b, t)}")
         emb = self.embed(timesteps, cond, t).to(x.dtype)
         ctx = UNetContext(num_frames=t, box_tokens=self.box_tokens(cond), cond=cond)
+        layout = self.layout_features(cond, height, width)
         h = rearrange(x, "b t c h w -> (b t) c h w")
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, ctx)
+            if layout is not None and i in self.layout_inject:
+                h = h + layout[self.layout_inject[i]].to(h.dtype)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, ctx)
         for block in self.output_blocks:
