@@ -66,7 +66,9 @@ def encode_cmd(
             raise ConfigError(f"--scale-factor: expected auto, keep or a number, got {scale!r}") from None
         model.set_scale_factor(value)
     elif scale == "auto" and model.config.scale_factor == 1.0:
-        value = compute_scale_factor(model, _train_frames(data, hw, scale_frames, batch_frames, device))
+        # from the latents the cache will hold (means by default), so cached latents x scale have unit std
+        value = compute_scale_factor(model, _train_frames(data, hw, scale_frames, batch_frames, device),
+                                     sample=sample)
         model.set_scale_factor(value)
         if (ae / CONFIG_NAME).is_file():
             save_model(model, ae)

@@ -39,8 +39,14 @@ def test_encode_fills_cache_with_posterior_means_and_stores_scale(setup):
     after = drivesim.load(root / "ae")
     entries = read_manifest(root / "data").clips
     train = [frames_to_tensor(load_clip(e)[0])[None] for e in entries if e.split == "train"]
-    expected_scale = compute_scale_factor(before, train)  # samples: close, not equal, to the command's draw
-    assert after.config.scale_factor == pytest.approx(expected_scale, rel=0.05)
+    # computed from posterior means, what the cache holds: scaled cached train latents have unit std (it was
+    # computed from posterior samples, which left the cached means at std ~0.9 on the sample data)
+    expected_scale = compute_scale_factor(before, train, sample=False)
+    assert after.config.scale_factor == pytest.approx(expected_scale, rel=1e-4)
+    cache_train = np.concatenate([LatentCache(root / "c.h5").read_clip(e.clip_id)["latents"] for e in entries
+                                  if e.split == "train"])
+    assert float(np.std(cache_train.astype(np.float64) * after.config.scale_factor, ddof=1)) == pytest.approx(
+        1.0, rel=1e-3)
     assert json.loads((root / "ae" / "config.json").read_text())["config"]["scale_factor"] == after.config.scale_factor
     cache = LatentCache(root / "c.h5", expected_encoder_id=encoder_id(*after.encoder_fingerprint()))
     assert cache.scale_factor == after.config.scale_factor

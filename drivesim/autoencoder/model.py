@@ -676,7 +676,8 @@ def compute_scale_factor(model: AutoencoderKL, frames_iter: Iterable[torch.Tenso
     for i, frames in enumerate(frames_iter):
         if max_batches is not None and i >= max_batches:
             break
-        z = model.encode(frames).latents(sample).double()
+        # reduced in float64 on the CPU: float64 does not exist on every accelerator (Apple MPS)
+        z = model.encode(frames).latents(sample).float().cpu().double()
         n += z.numel()
         s1 += z.sum().item()
         s2 += z.pow(2).sum().item()
