@@ -218,6 +218,7 @@ class DemoSettings:
     as_json: bool
     estimate_min: dict[str, float]
     threads: int | None = None
+    train_autoencoder: bool = False  # train the autoencoder even when the preset ships one (drivesim.pretrained)
 
 
 class Demo:
@@ -261,7 +262,11 @@ class Demo:
         p = self.preset
         prev = {STEPS[i]: self.hashes.get(STEPS[i]) for i in range(STEPS.index(name))}
         parts: dict[str, Any] = {"stage": name, "preset": self.s.preset_name}
-        if name == "autoencoder":
+        if name == "autoencoder" and self.pretrained_autoencoder() is not None:
+            from drivesim.pretrained import weights_sha256
+
+            parts |= {"pretrained": weights_sha256(self.pretrained_autoencoder())}
+        elif name == "autoencoder":
             parts |= {"data": self.data_fp, "model": to_dict(p.autoencoder), "resolution": list(p.resolution),
                       "train": to_dict(self.train_cfg(name))}
         elif name == "encode":
@@ -316,6 +321,8 @@ class Demo:
             if self.state.is_done(name, self.hashes.get(name, "")):
                 continue
             budget = self.train_cfg(name).max_minutes if name in TRAIN_STEPS else None
+            if name == "autoencoder" and self.pretrained_autoencoder() is not None:
+                budget = None  # copied, not trained
             left += (budget + 0.3) if budget is not None else self.s.estimate_min.get(name, 0.5)
         done_at = _dt.datetime.now(_dt.UTC) + _dt.timedelta(minutes=left)
         return f"about {left:.0f} min left (done ~{done_at:%H:%M} UTC)" if left >= 1 else "about 1 min left"
@@ -420,8 +427,33 @@ class Demo:
     def _export(self, name: str) -> Path:
         return Path(self.state.stages[name]["info"]["export"])
 
+    def pretrained_autoencoder(self) -> Path | None:
+        """The autoencoder drivesim ships for this preset (None: none shipped, or `--train-autoencoder`)."""
+        from drivesim.pretrained import shipped_checkpoint
+
+        return None if self.s.train_autoencoder else shipped_checkpoint("autoencoder", self.s.preset_name)
+
     def _run_autoencoder(self, resume: bool) -> dict:
-        return self._train("autoencoder", self.s.data)
+        shipped = self.pretrained_autoencoder()
+        if shipped is None:
+            return self._train("autoencoder", self.s.data)
+        from drivesim.pretrained import install_checkpoint, model_card, weights_sha256
+        from drivesim.training.checkpoint import load_model
+
+        card = model_card(shipped)
+        export = install_checkpoint(shipped, self.s.out / "train" / "autoencoder" / "model")
+        h, w = self.preset.resolution
+        ae = load_model(export)
+        if to_dict_cfg(ae.config) != to_dict_cfg(self.preset.autoencoder):
+            raise ConfigError(f"{shipped}: config: the shipped autoencoder does not match preset "
+                              f"{self.s.preset_name}'s autoencoder block; use --train-autoencoder")
+        self.console.print(f"autoencoder: the pretrained {shipped.name} ({card.get('steps')} steps; "
+                           f"{card.get('summary', '')}) -> {export}  (--train-autoencoder trains one instead)",
+                           highlight=False)
+        return {"export": str(export), "weights": "pretrained", "pretrained": str(shipped),
+                "sha256": weights_sha256(shipped), "steps": card.get("steps"), "stop_reason": "shipped",
+                "batch_size": card.get("batch_size"), "max_steps": card.get("steps"), "budget_minutes": None,
+                "final_loss": card.get("final_loss"), "steps_per_s": None, "resolution": [h, w]}
 
     def _run_encode(self, resume: bool) -> dict:
         from drivesim.cli.encode import encode_cmd
@@ -658,6 +690,18 @@ class Demo:
         return run
 
 
+def to_dict_cfg(cfg) -> dict:
+    """An autoencoder config as a dict for comparison: the scale factor (computed from data) and the loss-only
+    fields of the image autoencoder (which do not change the network) left out."""
+    from drivesim.configs import to_dict
+
+    d = to_dict(cfg)
+    for key in ("scale_factor", "box_weight", "kl_weight", "disc_start", "disc_weight", "lpips_weights",
+                "lpips_weight", "rec_loss"):
+        d.pop(key, None)
+    return d
+
+
 def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
     """Insert a "How these numbers were produced" section (preset, budgets, steps, timings) below the title of
     the report page, rewriting it atomically."""
@@ -669,7 +713,10 @@ def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
         st = run["stages"].get(name, {})
         secs = st.get("seconds")
         what = ""
-        if name in TRAIN_STEPS and "steps" in st:
+        if name == "autoencoder" and st.get("weights") == "pretrained":
+            what = (f"pretrained autoencoder shipped with drivesim ({st.get('pretrained')}, {st.get('steps')} "
+                    f"steps, batch {st.get('batch_size')}; its model card says how it was made)")
+        elif name in TRAIN_STEPS and "steps" in st:
             budget = st.get("budget_minutes")
             what = (f"{st['steps']} steps ({st.get('stop_reason')}; budget "
                     f"{f'{budget:g} min' if budget else str(st.get('max_steps')) + ' steps'}, batch "
@@ -733,6 +780,9 @@ def demo_cmd(
     threads: str = typer.Option("auto", "--threads", help="torch threads: a number, or auto (the cores not busy "
                                 "with other processes at each stage's start, at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Added to every training seed; rollout seeds are seed, seed + 1."),
+    train_autoencoder: bool = typer.Option(False, "--train-autoencoder", help="Train the autoencoder from scratch "
+                                           "instead of using the one drivesim ships for the preset."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train every stage (no shipped checkpoint)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (stage logs go to stderr)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; only where the report is."),
 ) -> None:
@@ -759,7 +809,8 @@ def demo_cmd(
         rollout_sets=list(rollout_sets) if rollout_sets else list(defaults["rollout_sets"]),
         eval_n=eval_n if eval_n is not None else defaults["eval_n"], pool=defaults["pool"], seed=seed,
         quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"],
-        threads=None if threads == "auto" else int(threads))
+        threads=None if threads == "auto" else int(threads),
+        train_autoencoder=train_autoencoder or from_scratch)
     summary = Demo(settings).run()
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))

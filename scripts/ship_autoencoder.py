@@ -1,0 +1,89 @@
+"""Turn a trained autoencoder run into the checkpoint drivesim ships (fp16 safetensors + config + model card).
+
+    python scripts/ship_autoencoder.py --run runs/ae_ship --data data/sample --detector runs/det \
+        --out drivesim/pretrained/autoencoder-cpu-small --train-command "drivesim train autoencoder ..."
+
+Steps: load the run's EMA export (model-ema/, else model/); compute the latent scale factor from posterior MEANS of
+train frames (what `drivesim encode` caches); write the weights in float16 with the config; measure the shipped
+file with `benchmarks/box_fidelity.py` (PSNR over frames and inside boxes, the reference detector's AP on
+reconstructions vs real val frames) and write `model_card.json` with the commands, data, steps and those numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from drivesim.autoencoder import AutoencoderKL, compute_scale_factor
+from drivesim.configs import Preset, load_yaml
+from drivesim.training.checkpoint import load_model, save_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="training run folder (model/, model-ema/, checkpoints/)")
+    ap.add_argument("--data", type=Path, default=Path("data/sample"))
+    ap.add_argument("--detector", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-command", required=True, help="the command that trained --run (goes into the card)")
+    ap.add_argument("--detector-command", default="drivesim eval train-detector data/sample --out runs/det")
+    ap.add_argument("--scale-frames", type=int, default=512)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    src = args.run / "model-ema" if (args.run / "model-ema" / "config.json").is_file() else args.run / "model"
+    model = load_model(src, AutoencoderKL)
+    from drivesim.cli.encode import _train_frames
+
+    h, w = (128, 256)
+    scale = compute_scale_factor(model, _train_frames(args.data, (h, w), args.scale_frames, 16, "cpu"), sample=False)
+    model.set_scale_factor(scale)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_model(model, args.out, state_dict=state)
+
+    measured = args.out.parent / f".{args.out.name}-box_fidelity.json"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "box_fidelity.py"),
+                    "--data", str(args.data), "--detector", str(args.detector), "--ae", str(args.out), "--every", "1",
+                    "--out", str(measured)], check=True)
+    result = json.loads(measured.read_text())
+    measured.unlink()
+    train_state = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
+                             .read_text())
+    train_cfg = load_yaml(Preset, args.run / "config-autoencoder.yaml").train["autoencoder"]
+    rows = result["rows"]
+    card = {
+        "name": args.out.name,
+        "model_class": "autoencoder_kl",
+        "command": args.train_command,
+        "ship_command": "python " + " ".join(sys.argv),
+        "detector_command": args.detector_command,
+        "data": str(args.data), "data_split": "train (48 clips, 1536 frames)",
+        "weights": f"{src.name} of the run, cast to float16",
+        "steps": train_state.get("step"),
+        "batch_size": train_cfg.batch_size,
+        "lr": train_cfg.lr, "lr_schedule": train_cfg.lr_schedule, "ema_decay": train_cfg.ema_decay,
+        "box_weight": model.config.box_weight,
+        "seed": 0,
+        "scale_factor": scale,
+        "scale_factor_from": f"posterior means of {args.scale_frames} train frames",
+        "measured_on": f"{args.data} val split, {result['protocol']['frames']} frames (benchmarks/box_fidelity.py)",
+        "psnr_db": result["autoencoder"]["psnr_db"],
+        "detector_sha256": result["protocol"]["detector_sha256"],
+        "ap50_reconstructions": {k: rows["autoencoder"][k]["AP50"] for k in ("all", "lt8", "8to16", "ge12", "ge16")},
+        "ap50_real_frames": {k: rows["real"][k]["AP50"] for k in ("all", "lt8", "8to16", "ge12", "ge16")},
+        "ceiling_ge12_AP50_ratio": result["autoencoder"]["ceiling_ge12_AP50_ratio"],
+    }
+    psnr, rec50, real50 = card["psnr_db"], card["ap50_reconstructions"], card["ap50_real_frames"]
+    card["summary"] = (f"PSNR {psnr['frame']:.1f} dB, {psnr['boxes_ge12']:.1f} dB inside boxes >= 12 px; box AP50 "
+                       f"(>= 12 px) {rec50['ge12']:.3f} on reconstructions vs {real50['ge12']:.3f} on real frames")
+    (args.out / "model_card.json").write_text(json.dumps(card, indent=1))
+    print(json.dumps(card, indent=1))
+
+
+if __name__ == "__main__":
+    main()
