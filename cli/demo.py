@@ -47,12 +47,18 @@ TRAIN_STEPS = ("autoencoder", "video_decoder", "image_ldm", "prediction", "inter
 STATE_FORMAT = "drivesim-demo-state"
 STATE_VERSION = 1
 
-# Minutes of CPU training per stage (TrainConfig.max_minutes); None keeps the preset's (tiny: max_steps only).
-# cpu-small: measured on the 2-core reference box so the whole demo (with ~2 x 2-minute rollouts and the
-# evaluation) stays under 30 minutes.
-DEFAULT_BUDGETS: dict[str, dict[str, float | None]] = {
-    "cpu-small": {"autoencoder": 3.0, "video_decoder": 1.5, "image_ldm": 4.0, "prediction": 2.5,
-                  "interpolation": 1.5},
+# Optimizer steps per training stage (TrainConfig.max_steps) of the demo: a step budget gives the same models on
+# any machine, loaded or not (a wall-clock budget gave the autoencoder 150 steps on a quiet machine and 56 under
+# load). cpu-small: calibrated so the demo stays under ~25 minutes on 2 cores (the autoencoder entry applies with
+# --train-autoencoder; by default the shipped one is used). --budget-minutes STAGE=M adds a wall-clock limit.
+DEFAULT_STEPS: dict[str, dict[str, int]] = {
+    "cpu-small": {"autoencoder": 150, "video_decoder": 25, "image_ldm": 1200, "prediction": 110,
+                  "interpolation": 80},
+}
+# Measured seconds per optimizer step of the cpu-small stages on one thread of the 2-core box (for the ETA only).
+SECONDS_PER_STEP: dict[str, dict[str, float]] = {
+    "cpu-small": {"autoencoder": 1.2, "video_decoder": 3.5, "image_ldm": 0.3, "prediction": 1.3,
+                  "interpolation": 1.1},
 }
 # Per-preset demo settings: rollout minutes, sampler steps of every rollout model call, eval windows per side
 # (None: all val windows), FVD-over-time pooling, and rough minutes of the untimed stages (for the ETA only).
@@ -99,24 +105,26 @@ def data_fingerprint(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def parse_budgets(items: list[str]) -> dict[str, float]:
-    """`["image_ldm=6", ...]` -> {"image_ldm": 6.0}.
+def parse_budgets(items: list[str], flag: str = "--budget-minutes", integer: bool = False) -> dict[str, float]:
+    """`["image_ldm=6", ...]` -> {"image_ldm": 6.0} (`integer`: step counts, {"image_ldm": 6}).
 
     Raises:
-        ConfigError: not stage=minutes, a stage that does not train, or a non-positive number.
+        ConfigError: not stage=value, a stage that does not train, or a non-positive (or, for steps, non-integer)
+            number; the message names `flag`.
     """
+    what = "STEPS" if integer else "MINUTES"
     out: dict[str, float] = {}
     for item in items:
         name, sep, raw = item.partition("=")
         if not sep or name not in TRAIN_STEPS:
-            raise ConfigError(f"--budget-minutes: {item!r}: expected STAGE=MINUTES with STAGE one of "
-                              f"{', '.join(TRAIN_STEPS)}")
+            raise ConfigError(f"{flag}: {item!r}: expected STAGE={what} with STAGE one of {', '.join(TRAIN_STEPS)}")
         try:
-            value = float(raw)
+            value = int(raw) if integer else float(raw)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"--budget-minutes: {name}: expected a positive number of minutes, got {raw!r}") from None
+            kind = "a positive integer number of steps" if integer else "a positive number of minutes"
+            raise ConfigError(f"{flag}: {name}: expected {kind}, got {raw!r}") from None
         out[name] = value
     return out
 
@@ -208,7 +216,7 @@ class DemoSettings:
     preset_name: str
     out: Path
     from_stage: str | None
-    budgets: dict[str, float | None]
+    budgets: dict[str, float | None]  # wall-clock minutes per stage (only what --budget-minutes asked for)
     rollout_minutes: float
     rollout_sets: list[str]
     eval_n: int | None
@@ -219,6 +227,7 @@ class DemoSettings:
     estimate_min: dict[str, float]
     threads: int | None = None
     train_autoencoder: bool = False  # train the autoencoder even when the preset ships one (drivesim.pretrained)
+    steps: dict[str, int] = dataclasses.field(default_factory=dict)  # optimizer steps per stage (the budget)
 
 
 class Demo:
@@ -239,9 +248,8 @@ class Demo:
     # ---- config hashes -------------------------------------------------------------------------------------
     def train_cfg(self, name: str):
         tc = self.preset.train[name]
-        budget = self.s.budgets.get(name)
-        return dataclasses.replace(tc, max_minutes=budget if budget is not None else tc.max_minutes,
-                                   seed=tc.seed + self.s.seed)
+        return dataclasses.replace(tc, max_steps=self.s.steps.get(name, tc.max_steps),
+                                   max_minutes=self.s.budgets.get(name), seed=tc.seed + self.s.seed)
 
     def rollout_config(self):
         from drivesim.cli.rollout import resolve_config
@@ -320,9 +328,13 @@ class Demo:
         for name in STEPS[index:]:
             if self.state.is_done(name, self.hashes.get(name, "")):
                 continue
-            budget = self.train_cfg(name).max_minutes if name in TRAIN_STEPS else None
-            if name == "autoencoder" and self.pretrained_autoencoder() is not None:
-                budget = None  # copied, not trained
+            budget = None
+            if name in TRAIN_STEPS and not (name == "autoencoder" and self.pretrained_autoencoder() is not None):
+                tc = self.train_cfg(name)
+                rate = SECONDS_PER_STEP.get(self.s.preset_name, {}).get(name)
+                budget = tc.max_steps * rate / 60 if rate is not None else None
+                if tc.max_minutes is not None:
+                    budget = min(budget, tc.max_minutes) if budget is not None else tc.max_minutes
             left += (budget + 0.3) if budget is not None else self.s.estimate_min.get(name, 0.5)
         done_at = _dt.datetime.now(_dt.UTC) + _dt.timedelta(minutes=left)
         return f"about {left:.0f} min left (done ~{done_at:%H:%M} UTC)" if left >= 1 else "about 1 min left"
@@ -672,6 +684,8 @@ class Demo:
                                if k not in ("fvd_over_time", "config", "results")}}
         return {"preset": self.s.preset_name, "data": str(self.s.data), "seed": self.s.seed,
                 "budget_minutes": {n: self.train_cfg(n).max_minutes for n in TRAIN_STEPS},
+                "budget_steps": {n: self.train_cfg(n).max_steps for n in TRAIN_STEPS},
+                "budget_kind": "wall-clock minutes and steps" if any(self.s.budgets.values()) else "optimizer steps",
                 "rollout_minutes": self.s.rollout_minutes, "rollout_settings": self.s.rollout_sets,
                 "eval_windows_per_side": self.s.eval_n, "stages": stages,
                 "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -768,7 +782,9 @@ def demo_cmd(
                                                                    "cpu-small (< 30 min on 2 CPU cores)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder (resumable)."),
     from_stage: str = typer.Option(None, "--from-stage", help=f"Re-run from this stage: {', '.join(STEPS)}."),
-    budgets: list[str] = typer.Option([], "--budget-minutes", help="STAGE=MINUTES training budget, repeatable "
+    budget_steps: list[str] = typer.Option([], "--budget-steps", help="STAGE=STEPS optimizer steps of a training "
+                                           f"stage, repeatable (the default budget; {', '.join(TRAIN_STEPS)})."),
+    budgets: list[str] = typer.Option([], "--budget-minutes", help="STAGE=MINUTES wall-clock limit, repeatable "
                                       f"({', '.join(TRAIN_STEPS)})."),
     rollout_minutes: float = typer.Option(None, "--rollout-minutes", help="Length of each rollout (default: 2 "
                                           "for cpu-small, 0.06 for tiny)."),
@@ -801,8 +817,9 @@ def demo_cmd(
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
         raise ConfigError(f"--threads: expected a positive integer or auto, got {threads!r}")
     defaults = DEMO_DEFAULTS.get(preset, FALLBACK_DEFAULTS)
-    budget_map: dict[str, float | None] = dict(DEFAULT_BUDGETS.get(preset, {}))
-    budget_map.update(parse_budgets(budgets))
+    budget_map: dict[str, float | None] = dict(parse_budgets(budgets))
+    step_map = dict(DEFAULT_STEPS.get(preset, {}))
+    step_map.update(parse_budgets(budget_steps, "--budget-steps", integer=True))
     settings = DemoSettings(
         data=data, preset_name=preset, out=out, from_stage=from_stage, budgets=budget_map,
         rollout_minutes=rollout_minutes if rollout_minutes is not None else defaults["rollout_minutes"],
@@ -810,7 +827,7 @@ def demo_cmd(
         eval_n=eval_n if eval_n is not None else defaults["eval_n"], pool=defaults["pool"], seed=seed,
         quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"],
         threads=None if threads == "auto" else int(threads),
-        train_autoencoder=train_autoencoder or from_scratch)
+        train_autoencoder=train_autoencoder or from_scratch, steps=step_map)
     summary = Demo(settings).run()
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))

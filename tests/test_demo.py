@@ -18,6 +18,8 @@ from drivesim.cli.main import main
 from drivesim.datasets.clips import read_annotation, read_manifest, read_video, write_manifest, write_synthetic_dataset
 from drivesim.eval.weights import weights_path
 
+from drivesim.errors import ConfigError
+
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 HAVE_WEIGHTS = weights_path("i3d") is not None and weights_path("inception") is not None
 STAGES = ("autoencoder", "encode", "video_decoder", "image_ldm", "prediction", "interpolation", "scenarios",
@@ -184,3 +186,28 @@ def test_demo_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
     assert rc == 1 and "autoencoder" in err and "not finished" in err
     assert not (tmp_path / "o").exists()
     assert np.all([not p.name.startswith(".") for p in tmp_path.rglob("*")])
+
+
+def test_demo_budgets_are_step_counts_by_default(tmp_path):
+    # wall-clock budgets made the demo's models depend on machine load (150 vs 56 autoencoder steps): the default
+    # budget is a number of optimizer steps; --budget-minutes only adds a limit when asked for
+    from drivesim.cli.demo import DEFAULT_STEPS, DEMO_DEFAULTS, Demo, DemoSettings, parse_budgets
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, clips=2, frames=4)
+    d = DEMO_DEFAULTS["cpu-small"]
+
+    def demo(steps, budgets):
+        return Demo(DemoSettings(data=data, preset_name="cpu-small", out=tmp_path / "out", from_stage=None,
+                                 budgets=budgets, rollout_minutes=1.0, rollout_sets=[], eval_n=2, pool=1, seed=0,
+                                 quiet=True, as_json=False, estimate_min=d["estimate_min"], steps=steps))
+
+    plain = demo(dict(DEFAULT_STEPS["cpu-small"]), {})
+    for name in ("video_decoder", "image_ldm", "prediction", "interpolation"):
+        tc = plain.train_cfg(name)
+        assert tc.max_minutes is None and tc.max_steps == DEFAULT_STEPS["cpu-small"][name]
+    timed = demo({"image_ldm": 7}, parse_budgets(["image_ldm=2.5"]))
+    assert timed.train_cfg("image_ldm").max_steps == 7 and timed.train_cfg("image_ldm").max_minutes == 2.5
+    assert parse_budgets(["prediction=12"], "--budget-steps", integer=True) == {"prediction": 12}
+    with pytest.raises(ConfigError, match="--budget-steps"):
+        parse_budgets(["prediction=1.5"], "--budget-steps", integer=True)
