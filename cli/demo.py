@@ -228,6 +228,7 @@ class DemoSettings:
     threads: int | None = None
     train_autoencoder: bool = False  # train the autoencoder even when the preset ships one (drivesim.pretrained)
     steps: dict[str, int] = dataclasses.field(default_factory=dict)  # optimizer steps per stage (the budget)
+    detector: Path | None = None  # reference box detector (None: the shipped one for this data, if any)
 
 
 class Demo:
@@ -295,7 +296,9 @@ class Demo:
                                                "scenarios")],
                       "config": to_dict(self.rollout_config()), "seed": self.s.seed}
         elif name == "eval":
-            parts |= {"up": prev["rollout"], "n": self.s.eval_n, "pool": self.s.pool, "seed": self.s.seed}
+            det = self.detector()
+            parts |= {"up": prev["rollout"], "n": self.s.eval_n, "pool": self.s.pool, "seed": self.s.seed,
+                      "detector": None if det is None else str(Path(det).resolve())}
         else:
             parts |= {"up": prev}
         return _sha(parts)
@@ -619,13 +622,14 @@ class Demo:
 
         from drivesim.errors import WeightsError
 
+        folder = self.s.out / "eval"
+        fake = self.s.out / "rollouts" / "clips"
+        boxes = self._box_fidelity(folder, fake)
         try:
             ex = memoized_extractors(default_extractors())
         except WeightsError as e:
             self.console.print(f"[yellow]evaluation skipped:[/yellow] {e}", highlight=False)
-            return {"skipped": f"evaluator weights absent: {e}"}
-        folder = self.s.out / "eval"
-        fake = self.s.out / "rollouts" / "clips"
+            return {"skipped": f"evaluator weights absent: {e}", **boxes}
         real_windows = len(list_windows(list_videos(self.s.data, "val"))[0])
         fake_windows = len(list_windows(list_videos(fake))[0])
         # N is what both sides have at most: all windows (None) when the smaller side has no more than N
@@ -649,7 +653,42 @@ class Demo:
         m = videos["metrics"]
         return {"fvd": m["fvd"]["mean"], "fid": m["fid"]["mean"], "kvd": m["kvd"]["mean"], "n": videos["protocol"]["n"],
                 "fvd_over_time": curve["curve_points"], "results": [str(folder / "videos.json"),
-                                                                    str(folder / "fvd_over_time.json")]}
+                                                                    str(folder / "fvd_over_time.json")], **boxes}
+
+    def detector(self) -> Path | None:
+        """The reference box detector: `--detector`, else the shipped one trained on this very dataset."""
+        from drivesim.pretrained import shipped_detector_for
+
+        return self.s.detector if self.s.detector is not None else shipped_detector_for(self.s.data)
+
+    def _box_fidelity(self, folder: Path, fake: Path) -> dict:
+        """Box AP rows, day/night fidelity and frame change of the rollouts (`eval/box_fidelity.json` + a picture);
+        {} without a detector for this data."""
+        from drivesim.eval.box_fidelity import box_fidelity_rows, fidelity_strip
+        from drivesim.eval.protocols import write_result
+
+        from drivesim.training.checkpoint import load_model
+
+        det = self.detector()
+        if det is None:
+            self.console.print("box fidelity skipped: no reference detector for this dataset (train one with "
+                               "`drivesim eval train-detector DATA --out runs/det`, then pass --detector)",
+                               highlight=False)
+            return {}
+        self.console.print(f"box fidelity: detector {det} on the rollouts, val frames and their reconstructions",
+                           highlight=False)
+        ae = load_model(self._export("autoencoder"))
+        record = box_fidelity_rows(det, self.s.data, fake, autoencoder=ae, every=4, seed=self.s.seed)
+        write_result(folder / "box_fidelity.json", record)
+        from PIL import Image
+
+        strip = fidelity_strip(fake, tuple(record["protocol"]["resolution"]), seed=self.s.seed)
+        Image.fromarray(strip).save(folder / "box_fidelity.png")
+        ge16 = {k: record["rows"][k]["ge16"]["AP50"] for k in record["rows"]}
+        self.console.print("box AP50 (boxes >= 16 px): " + ", ".join(
+            f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in ge16.items()), highlight=False)
+        return {"box_fidelity": str(folder / "box_fidelity.json"), "box_ap50_ge16": ge16,
+                "frame_change_ratio": record["frame_change"]["ratio"]}
 
     def _run_report(self, resume: bool) -> dict:
         from drivesim.eval.protocols import read_result
@@ -664,6 +703,13 @@ class Demo:
         out = self.s.out / "report.html"
         title = f"drivesim demo report (preset {self.s.preset_name})"
         report = build_report(results, specs, out, title=title)
+        if ev.get("box_fidelity"):
+            from drivesim.eval.report import box_fidelity_section
+
+            record = json.loads(Path(ev["box_fidelity"]).read_text())
+            strip = Path(ev["box_fidelity"]).with_suffix(".png")
+            insert_section(out, box_fidelity_section(record, strip.read_bytes() if strip.is_file() else None))
+            report["box_fidelity"] = record
         run = self.run_record()
         add_demo_section(out, run)
         report["demo"] = run
@@ -765,6 +811,11 @@ def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
         f"Total wall time of the stages: {total / 60:.1f} min.</p>"
         f"<p class='caveat'>{e(run['note'])}</p>"
         "<table><tr><th>stage</th><th>wall time</th><th>what ran</th></tr>" + "".join(rows) + "</table></section>")
+    insert_section(html_path, section)
+
+
+def insert_section(html_path: Path, section: str) -> None:
+    """Insert an HTML section before the first <h2> of the page (below the title), rewriting it atomically."""
     page = html_path.read_text(encoding="utf-8")
     marker = page.find("<h2")
     page = page[:marker] + section + page[marker:] if marker >= 0 else page.replace("</body>", section + "</body>")
@@ -799,6 +850,9 @@ def demo_cmd(
     train_autoencoder: bool = typer.Option(False, "--train-autoencoder", help="Train the autoencoder from scratch "
                                            "instead of using the one drivesim ships for the preset."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Train every stage (no shipped checkpoint)."),
+    detector: Path = typer.Option(None, "--detector", help="Reference box detector (`drivesim eval train-detector`) "
+                                  "for the box-fidelity rows; default: the shipped one when DATA is the data it was "
+                                  "trained on."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (stage logs go to stderr)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; only where the report is."),
 ) -> None:
@@ -827,7 +881,7 @@ def demo_cmd(
         eval_n=eval_n if eval_n is not None else defaults["eval_n"], pool=defaults["pool"], seed=seed,
         quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"],
         threads=None if threads == "auto" else int(threads),
-        train_autoencoder=train_autoencoder or from_scratch, steps=step_map)
+        train_autoencoder=train_autoencoder or from_scratch, steps=step_map, detector=detector)
     summary = Demo(settings).run()
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))

@@ -297,3 +297,125 @@ def evaluate_boxes(detector_path, clips, split: str | None = "val", against=None
                      "area_ranges_px2": {k: list(v) for k, v in AREA_RANGES.items()}},
         "ap": coco_ap(dets, gt),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The four rows together (what `drivesim demo` reports)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def frame_change(frames: np.ndarray, clip_of: np.ndarray) -> float:
+    """Mean |frame[t+1] - frame[t]| on [0, 1] pixels over consecutive frames of the same clip (how much a video
+    changes from one frame to the next; a still picture that flickers scores high)."""
+    x = frames.astype(np.float32) / 255.0
+    same = clip_of[1:] == clip_of[:-1]
+    if not same.any():
+        return float("nan")
+    return float(np.abs(x[1:][same] - x[:-1][same]).mean())
+
+
+def _subset(data: ClipFrames, every: int) -> ClipFrames:
+    keep = np.flatnonzero(data.frame_of % every == 0)
+    return ClipFrames(data.frames[keep], [data.boxes[i] for i in keep], data.clip_ids, data.clip_of[keep],
+                      data.frame_of[keep], data.night)
+
+
+def box_fidelity_rows(detector_path, real_dir, generated_dir, autoencoder=None, every: int = 4, seed: int = 0,
+                      generated_split: str | None = None, device="cpu") -> dict:
+    """The box-fidelity record of a generated clip-format dataset (e.g. `drivesim demo`'s rollouts) beside real val
+    clips: AP rows, day/night fidelity and frame-to-frame change.
+
+    Rows (COCO AP of the reference detector by size; every `every`-th frame of each clip):
+    "real" (val frames vs their boxes), "autoencoder" (with `autoencoder`, an `AutoencoderKL`: val frames encoded
+    to posterior means and decoded), "generated" (generated frames vs their conditioning boxes), "shuffled"
+    (generated frames vs another generated clip's boxes; with a single generated clip, vs a real val clip's).
+    Day/night: a `DayNightClassifier` fit on real train frames; the share of generated clips whose majority label
+    matches their annotation's `night` (and the same on real val clips). Frame change: `frame_change` on every
+    frame of the generated and the real val clips, and their ratio (generated / real).
+
+    Raises:
+        DataError: bad datasets. CheckpointError: not a detector.
+    """
+    import torch
+    from drivesim.eval.day_night import DayNightClassifier
+
+    detector, digest = load_detector(detector_path, device)
+    size = tuple(detector.config.resolution)
+    real_all = load_clip_frames(real_dir, "val", size)
+    gen_all = load_clip_frames(generated_dir, generated_split, size)
+    real, gen = _subset(real_all, every), _subset(gen_all, every)
+    rows = {"real": coco_ap(run_detector(detector, real.frames, device=device), real.boxes)}
+    if autoencoder is not None:
+        rec = []
+        with torch.no_grad():
+            for i in range(0, len(real.frames), 16):
+                x = frames_to_model_input(real.frames[i:i + 16], device)[:, None]
+                y = autoencoder.decode(autoencoder.encode(x).mode()).clamp(-1, 1)[:, 0]
+                rec.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        rows["autoencoder"] = coco_ap(run_detector(detector, np.concatenate(rec), device=device), real.boxes)
+    dets = run_detector(detector, gen.frames, device=device)
+    rows["generated"] = coco_ap(dets, gen.boxes)
+    if len(gen.clip_ids) >= 2:
+        shuffled_gt = boxes_of_partners(gen, shuffled_partners(len(gen.clip_ids), seed))
+        shuffle_note = f"another generated clip's boxes (seeded derangement, seed {seed})"
+    else:
+        other = real.boxes
+        shuffled_gt = [other[i % len(other)] for i in range(len(gen.boxes))]
+        shuffle_note = "a real val clip's boxes"
+    rows["shuffled"] = coco_ap(dets, shuffled_gt)
+    train = load_clip_frames(real_dir, "train", size)
+    classifier = DayNightClassifier.fit(train.frames, np.asarray([train.night[c] for c in train.clip_of]))
+    day_night = {
+        "generated_clips_matching": float((classifier.clip_labels(gen_all.frames, gen_all.clip_of)
+                                           == np.asarray(gen_all.night)).mean()),
+        "real_val_clips_matching": float((classifier.clip_labels(real_all.frames, real_all.clip_of)
+                                          == np.asarray(real_all.night)).mean()),
+        "generated_clips": len(gen_all.clip_ids), "real_val_clips": len(real_all.clip_ids)}
+    change_gen = frame_change(gen_all.frames, gen_all.clip_of)
+    change_real = frame_change(real_all.frames, real_all.clip_of)
+    return {
+        "kind": "box_fidelity_rows",
+        "protocol": {"detector": str(detector_path), "detector_sha256": digest, "real": str(real_dir),
+                     "generated": str(generated_dir), "every": every, "resolution": list(size),
+                     "frames": {"real": int(len(real.frames)), "generated": int(len(gen.frames))},
+                     "shuffled": shuffle_note, "iou_thresholds": "0.50:0.05:0.95", "max_detections": 100,
+                     "day_night_classifier": "logistic regression on colour statistics, fit on real train frames"},
+        "rows": rows,
+        "day_night": day_night,
+        "frame_change": {"generated": change_gen, "real": change_real,
+                         "ratio": change_gen / change_real if change_real else None},
+    }
+
+
+def _outline(image: np.ndarray, fb: FrameBoxes, colour=(255, 64, 64)) -> np.ndarray:
+    """A copy of (h, w, 3) uint8 `image` with 1-pixel outlines of the boxes (pixels xyxy)."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    for x1, y1, x2, y2 in np.asarray(fb.boxes).reshape(-1, 4):
+        a, b = int(np.clip(np.floor(x1), 0, w - 1)), int(np.clip(np.ceil(x2) - 1, 0, w - 1))
+        c, d = int(np.clip(np.floor(y1), 0, h - 1)), int(np.clip(np.ceil(y2) - 1, 0, h - 1))
+        out[c, a:b + 1] = colour
+        out[d, a:b + 1] = colour
+        out[c:d + 1, a] = colour
+        out[c:d + 1, b] = colour
+    return out
+
+
+def fidelity_strip(generated_dir, size: tuple[int, int], count: int = 6, seed: int = 0,
+                   split: str | None = None) -> np.ndarray:
+    """A picture of box fidelity: `count` generated frames spread over the clips of `generated_dir`, with their
+    conditioning boxes (top row) and with another clip's boxes (bottom row, the same derangement as the shuffled
+    row; with one clip, the boxes of a frame half the clip away). (2 h + 8, count (w + 4), 3) uint8."""
+    data = load_clip_frames(generated_dir, split, size)
+    if len(data.clip_ids) >= 2:
+        other = boxes_of_partners(data, shuffled_partners(len(data.clip_ids), seed))
+    else:
+        other = [data.boxes[(i + len(data.boxes) // 2) % len(data.boxes)] for i in range(len(data.boxes))]
+    picks = np.linspace(0, len(data.frames) - 1, count).round().astype(int)
+
+    def pad(img):
+        return np.pad(img, ((2, 2), (2, 2), (0, 0)), constant_values=255)
+
+    top = np.concatenate([pad(_outline(data.frames[i], data.boxes[i])) for i in picks], axis=1)
+    bottom = np.concatenate([pad(_outline(data.frames[i], other[i], (64, 160, 255))) for i in picks], axis=1)
+    return np.concatenate([top, bottom], axis=0)

@@ -472,3 +472,47 @@ def result_table(record: dict[str, Any]):
     for c in record["curve"]:
         t.add_row(f"{c['start_frame']}-{c['end_frame']}", fmt(c["fvd"]), str(c["num_videos"]))
     return t
+
+
+BOX_ROWS = (("real", "real val frames, their own boxes (upper bound)"),
+            ("autoencoder", "val frames through the autoencoder (ceiling of any latent model)"),
+            ("generated", "generated frames, the boxes that conditioned them"),
+            ("shuffled", "generated frames, another clip's boxes (lower bound: near 0 if boxes control)"))
+BOX_BUCKETS = (("all", "all"), ("lt8", "&lt;8 px"), ("8to16", "8–16 px"), ("ge16", "≥16 px"))
+
+
+def box_fidelity_section(record: dict[str, Any], strip_png: bytes | None = None) -> str:
+    """HTML section "Do the frames follow the boxes?" for a `box_fidelity_rows` record: the AP rows by size,
+    day/night fidelity, frame-to-frame change of generated vs real video, and an optional picture (PNG bytes)."""
+    rows = record["rows"]
+    head = "".join(f"<th>AP50 {label}</th>" for _, label in BOX_BUCKETS)
+    body = []
+    for key, label in BOX_ROWS:
+        if key not in rows:
+            continue
+        cells = "".join(f"<td class='num'>{fmt(rows[key][b]['AP50'], digits=3)}</td>" for b, _ in BOX_BUCKETS)
+        body.append(f"<tr><td>{_e(label)}</td><td class='num'>{fmt(rows[key]['all']['AP'], digits=3)}</td>{cells}</tr>")
+    dn, fc, p = record["day_night"], record["frame_change"], record["protocol"]
+    parts = [
+        "<section id='box-fidelity'><h2>Do the frames follow the boxes?</h2>",
+        "<table class='metrics'><tr><th>frames, scored against</th><th>AP</th>" + head + "</tr>" + "".join(body)
+        + "</table>",
+        f"<p class='meta'>COCO AP (IoU 0.50:0.95) and AP50 of a reference detector trained on real train frames "
+        f"(<span class='mono'>{_e(p['detector'])}</span>, sha256 {_e(str(p['detector_sha256'])[:12])}), by box size "
+        f"(sqrt of area, pixels at {_e(p['resolution'][1])}x{_e(p['resolution'][0])}); every {p['every']}th frame "
+        f"({p['frames']['real']} real, {p['frames']['generated']} generated); shuffled: {_e(p['shuffled'])}.</p>",
+        f"<p>Day/night fidelity: {fmt(100 * dn['generated_clips_matching'], digits=0)}% of {dn['generated_clips']} "
+        f"generated clips look like their label to a classifier fit on real frames (real val clips: "
+        f"{fmt(100 * dn['real_val_clips_matching'], digits=0)}%). Frame-to-frame change "
+        f"(mean |frame[t+1] − frame[t]| on [0, 1] pixels): generated {fmt(fc['generated'], digits=4)}, real "
+        f"{fmt(fc['real'], digits=4)}, ratio {fmt(fc['ratio'], digits=2)} (boxes that move should move something; "
+        "a ratio far above 1 on a still picture is flicker).</p>",
+    ]
+    if strip_png is not None:
+        uri = "data:image/png;base64," + base64.b64encode(strip_png).decode()
+        parts.append(f"<img id='box-fidelity-strip' alt='generated frames with their boxes (top) and with another "
+                     f"clip's boxes (bottom)' src='{uri}' style='max-width:100%'><p class='meta'>top: generated "
+                     "frames with the boxes that conditioned them; bottom: the same frames with another clip's "
+                     "boxes.</p>")
+    parts.append("</section>")
+    return "".join(parts)

@@ -56,13 +56,25 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 def demo_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo")
     data = _small_dataset(base / "data")
+    # a reference detector for the box-fidelity rows (seconds of training: the rows must exist, not be good)
+    from drivesim.eval.detector import DetectorConfig, train_detector
+
+    from drivesim.configs import TrainConfig
+
+    det = base / "det"
+    train_detector(data, det, DetectorConfig(resolution=(32, 64), base_channels=8, channel_mult=(1, 2, 2),
+                                             output_stride=2),
+                   TrainConfig(max_steps=20, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.0,
+                               checkpoint_every=1000, tracker=None), progress=False)
     out = base / "run"
     # module-scoped fixture: capture stdout ourselves (capsys is function-scoped)
     buf_out, buf_err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
-        rc = main(["demo", "--preset", "tiny", "--data", str(data), "--out", str(out), "--json"])
+        rc = main(["demo", "--preset", "tiny", "--data", str(data), "--out", str(out), "--json", "--detector",
+                   str(det)])
     assert rc == 0, buf_err.getvalue()[-3000:]
-    return {"data": data, "out": out, "summary": json.loads(buf_out.getvalue()), "log": buf_err.getvalue()}
+    return {"data": data, "out": out, "summary": json.loads(buf_out.getvalue()), "log": buf_err.getvalue(),
+            "det": det}
 
 
 def _state(out: Path) -> dict:
@@ -89,6 +101,12 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     assert report["demo"]["preset"] == "tiny"
     assert set(report["demo"]["stages"]) == set(STAGES)
     assert "weak" in report["demo"]["note"]
+    # box fidelity: the four rows, day/night fidelity and frame change, on the page and in the record
+    assert "Do the frames follow the boxes?" in page and "box-fidelity-strip" in page
+    record = json.loads((out / "eval" / "box_fidelity.json").read_text())
+    assert set(record["rows"]) == {"real", "autoencoder", "generated", "shuffled"}
+    assert record["frame_change"]["ratio"] > 0 and 0 <= record["day_night"]["generated_clips_matching"] <= 1
+    assert report["box_fidelity"]["rows"]["real"]["all"]["num_gt"] > 0
 
 
 def test_demo_rollouts_follow_the_day_and_night_scenarios(demo_run):
@@ -137,13 +155,15 @@ def test_demo_records_a_skipped_evaluation_without_weights(demo_run):
 def test_demo_rerun_reuses_finished_stages_and_from_stage_reruns(demo_run, capsys):
     out, data = demo_run["out"], demo_run["data"]
     before = _state(out)["stages"]
-    rc, stdout, err = _run(capsys, "--preset", "tiny", "--data", str(data), "--out", str(out), "--json")
+    det = str(demo_run["det"])
+    rc, stdout, err = _run(capsys, "--preset", "tiny", "--data", str(data), "--out", str(out), "--json",
+                           "--detector", det)
     assert rc == 0, err
     assert _state(out)["stages"] == before  # nothing ran again
     assert json.loads(stdout)["wall_seconds_this_call"] < 30
 
     rc, _, err = _run(capsys, "--preset", "tiny", "--data", str(data), "--out", str(out), "--from-stage",
-                      "report", "--quiet")
+                      "report", "--quiet", "--detector", det)
     assert rc == 0, err
     after = _state(out)["stages"]
     assert {k: after[k] for k in STAGES[:-1]} == {k: before[k] for k in STAGES[:-1]}

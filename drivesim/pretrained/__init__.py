@@ -68,3 +68,20 @@ def install_checkpoint(folder: str | Path, dst: str | Path) -> Path:
         shutil.rmtree(dst)
     tmp.rename(dst)
     return dst
+
+
+def shipped_detector_for(data_root: str | Path) -> Path | None:
+    """The shipped reference detector trained on the dataset at `data_root` (its model card records the sha256 of
+    that dataset's manifest.json), or None: a detector is only a fair judge of the data it was trained on."""
+    manifest = Path(data_root) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    for folder in sorted(PRETRAINED_DIR.glob("detector-*")):
+        try:
+            card = model_card(folder)
+        except CheckpointError:
+            continue
+        if card.get("data_manifest_sha256") == digest and (folder / "model.safetensors").is_file():
+            return folder
+    return None
