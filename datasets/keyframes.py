@@ -29,7 +29,8 @@ class InterpolationWindows(Dataset):
     `4 * frame_stride`-th, so its key frames (every 4th window frame) are 16 * `frame_stride` source frames apart.
     On the 32-frame 10 fps sample clips with stride 1: stage 1 windows span 5 frames (28 per clip), stage 0
     windows 17 frames (16 per clip); both sets are concatenated as they come (no re-balancing). A clip too short
-    for the stage-0 span simply yields no stage-0 windows.
+    for the stage-0 span yields no stage-0 windows; a split with no stage-0 window at all is refused (the coarse
+    stage would stay untrained).
 
     Args:
         cache: a `LatentCache` or its path (shared by both stages).
@@ -40,7 +41,8 @@ class InterpolationWindows(Dataset):
     Items: those of `LatentClipDataset` plus "stage" () int64 (0 or 1) and "frame_stride" () int64.
 
     Raises:
-        DataError: num_frames not 4k + 1, or no window of either stage fits any clip of the split.
+        DataError: num_frames not 4k + 1, or no window of a stage fits any clip of the split (with the clip length
+            needed and the longest found).
     """
 
     def __init__(self, cache: LatentCache | str | Path, split: str = "train", num_frames: int = 5,
@@ -55,6 +57,12 @@ class InterpolationWindows(Dataset):
             except DataError:
                 if stage == 1:
                     raise
+                # the rollout would use an untrained coarse stage: refuse, with the numbers
+                span = (num_frames - 1) * stride + 1
+                longest = max((len(cache.read_clip(c)["latents"]) for c in cache.clip_ids(split)), default=0)
+                raise DataError(f"{cache.path}: clips: interpolation stage 0 (T -> 4T) needs clips of {span} frames "
+                                f"((num_frames - 1) x 4 x frame_stride + 1), the longest {split} clip has {longest}; "
+                                "use longer clips or a smaller frame_stride") from None
         self.offsets = [0]
         for _, ds in self.stages:
             self.offsets.append(self.offsets[-1] + len(ds))

@@ -321,6 +321,15 @@ def test_predict_keeps_context_and_is_deterministic():
     assert len(calls) == 2 * len(cond_calls)  # context guidance 1.1 adds one unconditional pass per step
 
 
+def test_no_context_frames_means_one_network_call_per_step():
+    # S = 0: dropping the context changes nothing, so context guidance must not pay a second, identical call
+    model = _prediction()
+    calls = _spatial_inputs(model)
+    model.sample(_cond(), (H, W), context_latents=None, context_mask=torch.zeros(2, 4, dtype=torch.bool), steps=3,
+                 context_guidance=1.5, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3
+
+
 def test_interpolate_keeps_key_frames_and_uses_stage_label():
     model = InterpolationLDM(TINY.interpolation)
     _randomize(model, 8)
@@ -406,6 +415,9 @@ def test_interpolation_windows_strides_and_stage(tmp_path):
     assert strides == {0: {4.0}, 1: {1.0}}
     with pytest.raises(DataError, match="num_frames"):
         InterpolationWindows(tmp_path / "c.h5", "train", num_frames=6)
+    # clips shorter than the stage-0 span (17 frames) would leave the coarse stage untrained: refused, with numbers
+    with pytest.raises(DataError, match="needs clips of 17 frames.*has 12"):
+        InterpolationWindows(_cache(tmp_path / "short.h5", frames=12), "train", num_frames=5, frame_stride=1)
 
 
 def test_train_stages_smoke(tmp_path):

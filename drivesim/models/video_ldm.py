@@ -249,7 +249,8 @@ class VideoLDM(nn.Module):
         else:
             cond = cond.replace(context_latents=None, context_mask=mask, context_noise_level=None)
         m5 = rearrange(mask, "b t -> b t 1 1 1")
-        guidance = self.guidance(guidance_scale, context_guidance)
+        # without context frames the context-dropped call is the conditional call itself: skip it
+        guidance = self.guidance(guidance_scale, context_guidance if has_context else 1.0)
         stepper = self.denoiser.schedule.make_sampler(sampler or d.sampler)
         timesteps = stepper.set_timesteps(steps or d.num_inference_steps, device=device)
         x = x * stepper.init_noise_sigma
