@@ -245,9 +245,17 @@ def test_chunked_decode_equals_unchunked_for_image_decoder(ae):
     _randomize_temporal(video)
     with force_alpha_one(video):
         torch.testing.assert_close(video.decode(z, num_frames=4), full, atol=2e-5, rtol=1e-5)
-    # with temporal layers active, seams are blended: chunked output stays close to a one-shot decode
-    chunked, oneshot = video.decode(z, num_frames=8), video.decode(z, num_frames=11)
-    assert chunked.shape == oneshot.shape and torch.isfinite(chunked).all()
+    # with temporal layers active, chunks see other neighbours than a one-shot decode, so they differ; the
+    # cross-fade keeps the chunked video close to the one-shot one, closer than a hard cut between the same chunks
+    # (windows (0, 8) and (3, 11); the cut takes each frame from the last chunk covering it). Measured on this
+    # fixture: mean |diff| 0.0047 blended vs 0.0092 cut, against mean |frame| 0.33
+    with torch.no_grad():
+        chunked, oneshot = video.decode(z, num_frames=8), video.decode(z, num_frames=11)
+        first, second = video._decode_frames(z[:, 0:8]), video._decode_frames(z[:, 3:11])
+    cut = torch.cat([first, second[:, 5:]], dim=1)
+    blended_err = (chunked - oneshot).abs().mean()
+    assert blended_err < 0.75 * (cut - oneshot).abs().mean()
+    assert blended_err < 0.03 * oneshot.abs().mean()
 
 
 def test_long_video_decodes_with_bounded_memory(ae):
@@ -417,16 +425,17 @@ _PEAK_MEMORY_SCRIPT = """
 import torch
 from drivesim.autoencoder import AutoencoderKL
 from drivesim.configs import get_preset
+torch.set_num_threads(1)  # per-thread kernel scratch buffers would add a thread-count-dependent share to both
 torch.manual_seed(0)
 m = AutoencoderKL(get_preset("tiny").autoencoder).eval()
-z = torch.randn(1, 32, 4, 16, 32)
+z = torch.randn(1, 48, 4, 16, 32)
 # VmHWM (peak RSS of this process image, KiB); ru_maxrss would carry the forking parent's peak across exec
 peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = peak()
 with torch.no_grad():
     m.decode(z, num_frames=8)  # chunked first: ru_maxrss only grows
     chunked = peak()
-    m.decode(z, num_frames=32)
+    m.decode(z, num_frames=48)
     full = peak()
 print(chunked - base, full - base)
 """
@@ -434,13 +443,14 @@ print(chunked - base, full - base)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for peak RSS (VmHWM)")
 def test_long_video_chunked_decode_peak_memory_is_bounded():
-    """Measured: peak RSS growth (fresh process) decoding 32 frames at 128x256 in chunks of 8 vs in one go."""
+    """Measured: peak RSS growth (fresh process) decoding 48 frames at 128x256 in chunks of 8 vs in one go."""
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_SCRIPT], capture_output=True, text=True, check=True)
     chunked_kib, full_kib = (int(v) for v in out.stdout.split())
-    # one-shot activations scale with 32 frames, chunked with 8 (+ the 12 MiB output): expect ~1/3 or less
+    # one-shot activations scale with 48 frames, chunked with 8 (+ the 19 MiB output): expect ~1/3 or less (at 32
+    # frames the ratio measured 0.40-0.52 across runs: too close to the bound to be a stable test)
     assert chunked_kib < 0.5 * full_kib, (chunked_kib, full_kib)
 
 

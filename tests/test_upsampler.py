@@ -128,3 +128,28 @@ def test_train_upsampler_stage_smoke(tmp_path):
                str(tmp_path / "run"), "--max-steps", "2", "--no-progress"])
     assert rc == 0
     assert type(drivesim.load(tmp_path / "run" / "model")) is Upsampler
+
+
+def test_noise_augmentation_is_the_closed_form_at_g_above_zero(tiny):
+    # c = bilinear_up(a_g y + s_g eps) with a_g = sqrt(alpha_bar_g), s_g = sqrt(1 - alpha_bar_g) of the linear
+    # schedule, computed here from the betas (an independent computation), at g = 0, 120 and 249
+    import numpy as np
+    import torch.nn.functional as F
+
+    d = tiny.config.diffusion
+    betas = np.linspace(d.beta_start, d.beta_end, d.num_train_timesteps, dtype=np.float64)  # "linear"
+    alpha_bar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(0)
+    lowres = torch.rand(3, 2, 3, 8, 16, generator=g) * 2 - 1
+    noise = torch.randn(lowres.shape, generator=g)
+    levels = torch.tensor([0, 120, 249])
+    cond = tiny.condition(lowres, (32, 64), levels, noise=noise)
+    a = torch.tensor(np.sqrt(alpha_bar[levels.numpy()]), dtype=torch.float32).view(3, 1, 1, 1, 1)
+    s = torch.tensor(np.sqrt(1 - alpha_bar[levels.numpy()]), dtype=torch.float32).view(3, 1, 1, 1, 1)
+    mixed = rearrange(a * lowres + s * noise, "b t c h w -> (b t) c h w")
+    expected = rearrange(F.interpolate(mixed, size=(32, 64), mode="bilinear", align_corners=False),
+                         "(b t) c h w -> b t c h w", b=3)
+    torch.testing.assert_close(cond.context_latents, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cond.context_noise_level, levels)
+    assert (cond.context_latents[1:] - F.interpolate(lowres[1:].flatten(0, 1), size=(32, 64), mode="bilinear")
+            .view(2, 2, 3, 32, 64)).abs().mean() > 0.05  # g > 0 really adds noise
