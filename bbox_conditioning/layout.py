@@ -12,6 +12,7 @@ the top-left corner of the top-left pixel). Cell (i, j) of an `height` x `width`
 from __future__ import annotations
 
 import torch
+from drivesim.bbox_conditioning.classes import check_class_ids
 
 
 def _axis_coverage(lo: torch.Tensor, hi: torch.Tensor, cells: int) -> torch.Tensor:
@@ -76,8 +77,7 @@ def layout_map(boxes: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, h
     boxes = boxes.float()
     valid = mask.bool()
     cls = torch.where(valid, classes, torch.zeros_like(classes))
-    if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= num_classes):
-        raise ValueError(f"layout_map: box class ids must be in [0, {num_classes})")
+    check_class_ids(cls, num_classes)
     lead = boxes.shape[:-2]
     if boxes.shape[-2] == 0:
         return boxes.new_zeros((*lead, num_classes + 2, height, width))

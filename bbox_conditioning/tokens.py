@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from drivesim.bbox_conditioning.classes import check_class_ids
 from einops import rearrange
 from torch import nn
 
@@ -75,9 +76,7 @@ class BoxTokenizer(nn.Module):
         """
         valid = box_mask.bool()
         cls = torch.where(valid, classes, torch.zeros_like(classes))
-        if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= self.num_classes):
-            raise ValueError(f"box class ids must be in [0, {self.num_classes}), got {int(cls.min())}.."
-                             f"{int(cls.max())}")
+        check_class_ids(cls, self.num_classes)
         xyxy = torch.where(valid[..., None], boxes.float(), torch.zeros((), device=boxes.device))
         feats = torch.cat([fourier_features(xyxy, self.fourier_freqs), self.class_embedding(cls)], dim=-1)
         tokens = self.mlp(feats)

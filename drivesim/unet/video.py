@@ -243,11 +243,15 @@ class VideoUNet(nn.Module):
         mask = cond.context_mask.bool()
         if mask.shape != (b, t):
             raise ValueError(f"cond.context_mask has shape {tuple(mask.shape)}, latents have (b, t) = {(b, t)}")
-        if not bool(mask.any()):
-            return x, timesteps  # S = 0: the unconditional model, context latents never read
-        if cond.context_latents is None or cond.context_latents.shape != x.shape:
-            got = None if cond.context_latents is None else tuple(cond.context_latents.shape)
-            raise ValueError(f"cond.context_latents has shape {got}, expected {tuple(x.shape)}")
+        if cond.context_latents is None:
+            # S = 0 (the unconditional model): nothing to write. Checking the mask reads it back from the device, so
+            # only the CPU path checks (no host sync per U-Net call on an accelerator)
+            if mask.device.type == "cpu" and bool(mask.any()):
+                raise ValueError("cond.context_latents is None but cond.context_mask marks context frames")
+            return x, timesteps
+        if cond.context_latents.shape != x.shape:
+            raise ValueError(f"cond.context_latents has shape {tuple(cond.context_latents.shape)}, expected "
+                             f"{tuple(x.shape)}")
         x = torch.where(rearrange(mask, "b t -> b t 1 1 1"), cond.context_latents.to(x.dtype), x)
         level = cond.context_noise_level
         if level is None:
