@@ -101,12 +101,16 @@ def videos_cmd(
     fake_split: str | None = typer.Option(None, "--fake-split", help="Clip-format split of --fake."),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as JSON instead of a table."),
     out: Path | None = typer.Option(None, "--out", help="Write the result record (JSON) here."),
+    device: str = typer.Option("cpu", "--device", help="Torch device of the feature networks (cuda, cuda:1, mps)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Clips per I3D pass (8x frames per "
+                                          "InceptionV3 pass); default 4 (CPU memory)."),
 ) -> None:
     """FVD_16 (I3D), FID on the same frames (InceptionV3) and KVD_16 between real and generated clips, with the
     protocol (N, seed, extractors and weights sha256) recorded."""
     from drivesim.eval.protocols import evaluate_videos
 
-    record = evaluate_videos(real, fake, n=n, num_runs=num_runs, seed=seed, split=split, fake_split=fake_split)
+    record = evaluate_videos(real, fake, n=n, num_runs=num_runs, seed=seed, split=split, fake_split=fake_split,
+                             device=device, batch_size=batch_size)
     _emit_result(record, as_json, out)
 
 
@@ -122,12 +126,15 @@ def fvd_over_time_cmd(
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the result record as JSON instead of a table."),
     out: Path | None = typer.Option(None, "--out", help="Write the result record (JSON) here."),
+    device: str = typer.Option("cpu", "--device", help="Torch device of the feature network (cuda, cuda:1, mps)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Clips per I3D pass (default 4)."),
 ) -> None:
     """FVD of every non-overlapping 16-frame window along long rollouts (window k across all rollouts) against
     real 16-frame clips, as a curve."""
     from drivesim.eval.protocols import fvd_over_time
 
-    record = fvd_over_time(rollouts, real, pool=pool, n_real=n_real, seed=seed, split=split)
+    record = fvd_over_time(rollouts, real, pool=pool, n_real=n_real, seed=seed, split=split, device=device,
+                           batch_size=batch_size)
     _emit_result(record, as_json, out)
 
 

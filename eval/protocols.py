@@ -35,6 +35,7 @@ Results are JSON-able dicts: {"schema": "drivesim-eval-result", "schema_version"
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import shutil
@@ -264,8 +265,14 @@ class Extractors:
     info: dict[str, Any]
 
 
-def default_extractors() -> Extractors:
+def default_extractors(device: str = "cpu", batch_size: int | None = None) -> Extractors:
     """I3D (Kinetics-400) and InceptionV3-FID from the weight cache.
+
+    Args:
+        device: torch device of both networks ("cuda", "cuda:1", "mps", ...): features on another device equal the
+            CPU ones up to float rounding (tested to 1e-4).
+        batch_size: clips per I3D forward pass and 8x that many frames per InceptionV3 pass (default 4 and 32,
+            which keep CPU memory under ~1 GiB; a GPU takes far more). Features do not depend on it (to 1e-4).
 
     Raises:
         WeightsError: weights absent (the message names `drivesim eval weights`) or failing their sha256.
@@ -296,7 +303,12 @@ def default_extractors() -> Extractors:
                                  "package author's claim; it has not been independently verified",
         },
     }
-    return Extractors(features.i3d_embeddings, features.inception_features, info)
+    video_batch = batch_size or I3D_BATCH
+    frame_batch = 8 * batch_size if batch_size else INCEPTION_BATCH
+    info["video"].update(device=str(device), batch_size=video_batch)
+    info["frame"].update(device=str(device), batch_size=frame_batch)
+    return Extractors(functools.partial(features.i3d_embeddings, device=device, batch_size=video_batch),
+                      functools.partial(features.inception_features, device=device, batch_size=frame_batch), info)
 
 
 class _FeatureCache:
@@ -309,18 +321,20 @@ class _FeatureCache:
 
     def ensure(self, windows: Sequence[Window]) -> None:
         todo = [w for w in dict.fromkeys(windows) if w.key not in self.video]
-        for i in range(0, len(todo), I3D_BATCH * 8):  # decode ~32 windows at a time, bounded memory
-            chunk = todo[i:i + I3D_BATCH * 8]
+        vb = int(self.ex.info.get("video", {}).get("batch_size", I3D_BATCH))
+        fb = int(self.ex.info.get("frame", {}).get("batch_size", INCEPTION_BATCH))
+        for i in range(0, len(todo), vb * 8):  # decode 8 forward passes' worth of windows at a time, bounded memory
+            chunk = todo[i:i + vb * 8]
             clips = load_windows(self.refs, chunk)
-            emb = np.concatenate([np.asarray(self.ex.video(clips[j:j + I3D_BATCH]), np.float64)
-                                  for j in range(0, len(chunk), I3D_BATCH)])
+            emb = np.concatenate([np.asarray(self.ex.video(clips[j:j + vb]), np.float64)
+                                  for j in range(0, len(chunk), vb)])
             for w, e in zip(chunk, emb, strict=True):
                 self.video[w.key] = e
             if self.want_frames:
                 t = clips.shape[1]
                 flat = clips.reshape(-1, *clips.shape[2:])  # (n t) h w c, frames in window order
-                feats = np.concatenate([np.asarray(self.ex.frame(flat[j:j + INCEPTION_BATCH]), np.float64)
-                                        for j in range(0, len(flat), INCEPTION_BATCH)])
+                feats = np.concatenate([np.asarray(self.ex.frame(flat[j:j + fb]), np.float64)
+                                        for j in range(0, len(flat), fb)])
                 for k, w in enumerate(chunk):
                     self.frame[w.key] = feats[k * t:(k + 1) * t]
 
@@ -367,7 +381,8 @@ def _source_record(path: str | Path, split: str | None, refs: Sequence[VideoRef]
 def evaluate_videos(real_dir: str | Path, fake_dir: str | Path, num_frames: int = NUM_FRAMES, n: int | None = None,
                     num_runs: int = 5, seed: int = 0, split: str | None = None, fake_split: str | None = None,
                     extractors: Extractors | None = None,
-                    feature_caches: dict | None = None) -> dict[str, Any]:
+                    feature_caches: dict | None = None, device: str = "cpu",
+                    batch_size: int | None = None) -> dict[str, Any]:
     """FVD_16, FID on frames and KVD between two sources (protocol in the module docstring).
 
     Args:
@@ -383,6 +398,7 @@ def evaluate_videos(real_dir: str | Path, fake_dir: str | Path, num_frames: int 
         feature_caches: a dict to keep per-source features in across calls (keyed by resolved path and split),
             so comparing one real set with several fakes extracts the real features once. Use one dict per
             `extractors`.
+        device, batch_size: of the default extractors (see `default_extractors`; ignored with `extractors`).
 
     Returns:
         A result record (dict, JSON-able): schema, kind "videos", metrics {"fvd", "fid", "kvd"} each with
@@ -395,7 +411,7 @@ def evaluate_videos(real_dir: str | Path, fake_dir: str | Path, num_frames: int 
 
     if num_runs < 1:
         raise ConfigError(f"num_runs: must be >= 1, got {num_runs}")
-    ex = extractors if extractors is not None else default_extractors()
+    ex = extractors if extractors is not None else default_extractors(device, batch_size)
     real_refs, fake_refs = list_videos(real_dir, split), list_videos(fake_dir, fake_split)
     real_w, real_short = list_windows(real_refs, num_frames)
     fake_w, fake_short = list_windows(fake_refs, num_frames)
@@ -458,7 +474,8 @@ def _protocol(num_frames: int, n: int, runs: int, seed: int, ex: Extractors, ext
 
 def fvd_over_time(rollouts: str | Path | Sequence[str | Path], real_dir: str | Path, window: int = NUM_FRAMES,
                   pool: int = 1, n_real: int | None = None, seed: int = 0, split: str | None = None,
-                  min_videos: int = 2, extractors: Extractors | None = None) -> dict[str, Any]:
+                  min_videos: int = 2, extractors: Extractors | None = None, device: str = "cpu",
+                  batch_size: int | None = None) -> dict[str, Any]:
     """FVD of each non-overlapping `window`-frame time window of long rollouts against real `window`-frame clips.
 
     Definition (LVDM's per-time-window FVD): time window k covers frames [k * window, (k + 1) * window) of a
@@ -490,7 +507,7 @@ def fvd_over_time(rollouts: str | Path | Sequence[str | Path], real_dir: str | P
 
     if pool < 1 or window < 1 or min_videos < 2:
         raise ConfigError(f"pool/window/min_videos: must be >= 1/1/2, got {pool}/{window}/{min_videos}")
-    ex = extractors if extractors is not None else default_extractors()
+    ex = extractors if extractors is not None else default_extractors(device, batch_size)
     sources = [rollouts] if isinstance(rollouts, str | Path) else list(rollouts)
     refs: list[VideoRef] = []
     for s in sources:

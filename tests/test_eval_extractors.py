@@ -292,3 +292,19 @@ def test_reduced_reference_fixture_fvd():
     np.testing.assert_allclose(fake[0, :3], [2.6754021645, 2.5182545185, 0.1129281521], atol=2e-4)
     np.testing.assert_allclose(real[0, :3], [1.920388341, 2.3803963661, 0.5117206573], atol=2e-4)
     assert fvd(real, fake) == pytest.approx(48.7410798, abs=1e-3)
+
+
+@pytest.mark.weights
+@needs_i3d
+@needs_inception
+def test_features_do_not_depend_on_the_batch_size():
+    # the protocol's --batch-size (and --device) must not change the numbers: two batch sizes, features to 1e-4
+    from drivesim.eval.protocols import default_extractors
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (3, 9, 64, 96, 3), dtype=np.uint8)
+    small, large = default_extractors("cpu", 1), default_extractors("cpu", 3)
+    assert small.info["video"]["batch_size"] == 1 and large.info["frame"]["batch_size"] == 24
+    np.testing.assert_allclose(small.video(clips), large.video(clips), atol=1e-4, rtol=0)
+    frames = clips[:, 0]
+    np.testing.assert_allclose(small.frame(frames), large.frame(frames), atol=1e-4, rtol=0)
