@@ -289,7 +289,8 @@ def _cpu_small() -> Preset:
         # run takes ~3x the steps (the latent space, 4 x h/8 x w/8, is the same)
         # video decoder: the video discriminator starts after 1000 steps, which CPU minutes never reach; the
         # temporal-difference loss gives the temporal layers a direct signal (40 min: flicker -7%, README)
-        autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1,
+        # box_weight 1: the error inside boxes counts as much as the whole frame's (boxes are ~1% of the pixels)
+        autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, box_weight=1.0,
                                       disc_start=1000, disc_channels=32, disc_layers=3, video_temporal_weight=1.0),
         image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=25)),
         prediction=VideoLDMConfig(stage="prediction", num_frames=6, unet=unet,

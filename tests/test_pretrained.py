@@ -1,0 +1,66 @@
+"""The checkpoints shipped in drivesim.pretrained: present, documented by a model card, loadable, matching the preset
+they serve, and doing what their card says (a reconstruction check on committed val frames)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from drivesim.cli.demo import to_dict_cfg
+from drivesim.datasets.clips import load_clip, read_manifest
+from safetensors import safe_open
+
+from drivesim.configs import get_preset
+from drivesim.pretrained import CARD_NAME, model_card, shipped_checkpoint, shipped_detector_for
+from drivesim.training.checkpoint import load_model
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def test_cpu_small_autoencoder_is_shipped_with_a_card():
+    folder = shipped_checkpoint("autoencoder", "cpu-small")
+    assert folder is not None, "drivesim/pretrained/autoencoder-cpu-small is missing"
+    card = model_card(folder)
+    for key in ("command", "ship_command", "data", "steps", "seed", "psnr_db", "ap50_reconstructions",
+                "ap50_real_frames", "scale_factor"):
+        assert key in card, key
+    assert card["command"].startswith("drivesim train autoencoder --preset cpu-small")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:  # the file is float16 (a few MB in git)
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys() if f.get_tensor(k).is_floating_point())
+    assert (folder / "model.safetensors").stat().st_size < 8 * 2 ** 20
+    ae = load_model(folder)
+    assert ae.config.scale_factor == pytest.approx(card["scale_factor"]) and ae.config.scale_factor != 1.0
+    # the demo accepts it for cpu-small: same network as the preset's autoencoder block
+    assert to_dict_cfg(ae.config) == to_dict_cfg(get_preset("cpu-small").autoencoder)
+
+
+@pytest.mark.skipif(not (SAMPLE / "manifest.json").is_file(), reason="the committed sample data/sample is absent")
+def test_shipped_autoencoder_reconstructs_val_frames_as_its_card_says():
+    folder = shipped_checkpoint("autoencoder", "cpu-small")
+    card = model_card(folder)
+    ae = load_model(folder)
+    entry = next(e for e in read_manifest(SAMPLE).clips if e.split == "val")
+    frames, _ = load_clip(entry)
+    x = torch.from_numpy(frames[::4].copy()).permute(0, 3, 1, 2).float().div(127.5).sub(1)[None]
+    with torch.no_grad():
+        rec = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
+    mse = ((rec - x) / 2).square().mean().item()
+    psnr = 10 * np.log10(1.0 / mse)
+    # one clip of 8 frames vs the card's 512 frames: within 3 dB
+    assert psnr > card["psnr_db"]["frame"] - 3.0, (psnr, card["psnr_db"]["frame"])
+
+
+def test_shipped_detector_is_tied_to_the_data_it_was_trained_on(tmp_path):
+    folder = shipped_detector_for(SAMPLE)
+    if not (SAMPLE / "manifest.json").is_file():
+        pytest.skip("the committed sample data/sample is absent")
+    assert folder is not None, "drivesim/pretrained/detector-metadrive-sample is missing"
+    card = json.loads((folder / CARD_NAME).read_text())
+    assert card["command"].startswith("drivesim eval train-detector")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text("{}")
+    assert shipped_detector_for(other) is None  # another dataset gets no detector silently
