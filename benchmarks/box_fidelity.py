@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--strip", type=Path, default=None, help="PNG: real | autoencoder | generated | shuffled rows")
+    ap.add_argument("--fid", action="store_true", help="FID of generated (and reconstructed) frames vs ALL val frames "
+                    "(InceptionV3 weights of `drivesim eval weights`)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     t0 = time.time()
@@ -162,6 +164,14 @@ def main() -> None:
         rec.append(frames_to_uint8(ae.decode(ae.encode(x).mode()).clamp(-1, 1))[:, 0])
     rec = np.concatenate(rec)
     rows["autoencoder"] = ap_row(coco_ap(run_detector(detector, rec), data.boxes))
+    fid_ref = None
+    if args.fid:
+        from drivesim.eval.features import inception_features
+        from drivesim.eval.metrics import fid
+
+        fid_ref = inception_features(load_clip_frames(args.data, "val", size).frames)
+        result["fid"] = {"reference": f"all {len(fid_ref)} val frames", "autoencoder": fid(fid_ref,
+                                                                                        inception_features(rec))}
     result["autoencoder"] = {"path": str(args.ae), "psnr_db": psnr_by_box(data.frames, rec, data.boxes)}
     real50, ae50 = rows["real"]["ge12"]["AP50"], rows["autoencoder"]["ge12"]["AP50"]
     result["autoencoder"]["ceiling_ge12_AP50_ratio"] = (ae50 / real50) if real50 else None
@@ -188,6 +198,8 @@ def main() -> None:
             key = f"guidance_{s:g}"
             rows[f"generated_{key}"] = ap_row(coco_ap(dets, data.boxes))
             rows[f"shuffled_{key}"] = ap_row(coco_ap(dets, shuffled_gt))
+            if fid_ref is not None:
+                result["fid"][f"generated_{key}"] = fid(fid_ref, inception_features(gen))
             labels = clf.clip_labels(gen, data.clip_of)
             result["day_night"][f"generated_{key}"] = float((labels == np.asarray(data.night)).mean())
             result["image_ldm"][f"seconds_{key}"] = round(time.time() - t_s, 1)
@@ -224,7 +236,7 @@ def main() -> None:
     print(f"{'row':34s} " + " ".join(f"{b + ' AP50':>12s}" for b in ("all", *BUCKETS)))
     for name, row in rows.items():
         print(f"{name:34s} " + " ".join(f"{fmt(row[b]['AP50']):>12s}" for b in ("all", *BUCKETS)))
-    print(json.dumps({k: v for k, v in result.items() if k in ("autoencoder", "day_night")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k in ("autoencoder", "day_night", "fid")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -286,8 +287,8 @@ def annotation_from_json(data: Any, path: Path, problems: list[str] | None = Non
             if note:
                 notes.append(note)
         frames.append(boxes)
-    clip_id = data.get("id", path.stem)
-    return ClipAnnotation(str(clip_id), fps, width, height, night, crowdedness, source, frames, notes)
+    clip_id = check_clip_id(data.get("id", path.stem), path, "id")
+    return ClipAnnotation(clip_id, fps, width, height, night, crowdedness, source, frames, notes)
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -371,11 +372,28 @@ def write_manifest(dataset_dir: str | Path, clips: list[tuple[str, str]], **meta
     return root / "manifest.json"
 
 
+CLIP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A clip id becomes a file name (export, encode, rollout, generate): letters, digits, '.', '_', '-', at most 128
+characters, not starting with '.', so no id can name a path outside the output folder."""
+
+
+def check_clip_id(clip_id: Any, path: Path, field: str) -> str:
+    """Return `clip_id` if it is a safe file-name stem (`CLIP_ID_RE`).
+
+    Raises:
+        DataError: anything else (path separators, "..", empty, too long), naming `path` and `field`.
+    """
+    if not isinstance(clip_id, str) or not CLIP_ID_RE.fullmatch(clip_id):
+        raise DataError(f"{path}: {field}: clip id {clip_id!r} is not a safe file name (letters, digits, '.', '_', "
+                        "'-'; no path separators; not starting with '.')")
+    return clip_id
+
+
 def read_manifest(dataset_dir: str | Path) -> Manifest:
     """Read and validate `DATASET/manifest.json` (paths resolved; files are not opened here).
 
     Raises:
-        DataError: missing/invalid manifest, unknown split, duplicate id, empty dataset.
+        DataError: missing/invalid manifest, unknown split, duplicate or unsafe id (`check_clip_id`), empty dataset.
     """
     root = Path(dataset_dir)
     path = root / "manifest.json"
@@ -396,7 +414,7 @@ def read_manifest(dataset_dir: str | Path) -> Manifest:
     for i, raw in enumerate(raw_clips):
         if not isinstance(raw, dict):
             raise DataError(f"{path}: clips[{i}]: expected an object")
-        cid = _require(raw, "id", str, path, f"clips[{i}].")
+        cid = check_clip_id(_require(raw, "id", str, path, f"clips[{i}]."), path, f"clips[{i}].id")
         if cid in seen:
             raise DataError(f"{path}: clips[{i}].id: duplicate id {cid!r}")
         seen.add(cid)

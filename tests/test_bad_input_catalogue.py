@@ -249,6 +249,12 @@ CASES: list[Case] = [
     Case("manifest unknown split", clip_case(lambda ds: _json_edit(
         ds / "manifest.json", lambda d: d["clips"][0].update(split="test")), "info"),
          r"manifest\.json", r"clips\[0\]\.split: must be one of"),
+    # a clip id becomes a file name: "../x" made export write outside OUT
+    Case("manifest clip id with path components (export)", clip_case(lambda ds: _json_edit(
+        ds / "manifest.json", lambda d: d["clips"][0].update(id="../../escaped"))),
+         r"manifest\.json", r"clips\[0\]\.id: clip id '\.\./\.\./escaped' is not a safe file name"),
+    Case("annotation clip id with a separator (data info)", clip_case(ann_edit(lambda d: d.update(id="a/b")), "info"),
+         r"clip_0000\.json", r"id: clip id 'a/b' is not a safe file name"),
     Case("dataset folder missing", lambda tmp: ["data", "info", str(tmp / "nope")], "nope",
          "dataset: folder not found"),
     Case("rollout folder without clips", lambda tmp: (tmp / "empty").mkdir() or ["export", str(tmp / "empty"),
