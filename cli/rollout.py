@@ -216,8 +216,9 @@ def run_one(scenario_path: Path, models, cfg, out: Path, seed: int, num_frames: 
     from drivesim.datasets.scenario import load_scenario, rescale, save_scenario, window
 
     from drivesim.configs import to_dict
-    from drivesim.rollout import Rollout, make_plan
+    from drivesim.rollout import Rollout, make_plan, resolve_fps
 
+    cfg = resolve_fps(cfg, models)
     if (out / "manifest.json").is_file() and not resume:
         raise ConfigError(f"{out}: --out: holds a finished rollout; choose another --out")
     head = load_scenario(scenario_path)
@@ -308,7 +309,7 @@ def rollout_cmd(
 ) -> None:
     """Generate a multi-minute driving video that follows a scenario's boxes (key frames -> x4 -> x4, video
     decoder, optional upsampler), streamed to disk and resumable."""
-    from drivesim.rollout import load_models, shard
+    from drivesim.rollout import load_models, resolve_fps, shard
 
     if (scenario is None) == (scenarios is None):
         raise ConfigError("rollout: give exactly one of --scenario FILE or --scenarios DIR")
@@ -319,10 +320,11 @@ def rollout_cmd(
     if frames is not None and frames < 1:
         raise ConfigError(f"--frames: must be >= 1, got {frames}")
     cfg = resolve_config(config, sets, upsample)
-    num_frames = frames if frames is not None else max(1, round(minutes * 60 * cfg.fps))
     # inference only; a context (not set_grad_enabled) so in-process callers get their grad mode back
     with torch.no_grad():
         models = load_models(ckpt_dir, upsample=cfg.upsample, device=device)
+        cfg = resolve_fps(cfg, models, str(config) if config else "--set fps")
+        num_frames = frames if frames is not None else max(1, round(minutes * 60 * cfg.fps))
         if scenario is not None:
             jobs = [(scenario, out, seed)]
         else:

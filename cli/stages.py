@@ -13,6 +13,7 @@ Model owners register their stage here with `@register_stage("name", help=..., o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,6 +186,25 @@ _VIDEO_OPTIONS = {"image_ldm": "trained image LDM whose spatial U-Net is copied 
                                "folder or run folder (required)"}
 
 
+def _cache_fps(data_path, split: str = "train") -> float:
+    """The frame rate of the training clips of a latent cache (recorded into the video models' `data_fps`).
+
+    Raises:
+        ConfigError: clips of several frame rates (a video model learns one timeline).
+    """
+    from drivesim.datasets.latent_cache import LatentCache
+
+    cache = LatentCache(data_path)
+    try:
+        rates = sorted({float(cache.meta[c]["fps"]) for c in cache.clip_ids(split)})
+    finally:
+        cache.close()
+    if len(rates) != 1:
+        raise ConfigError(f"{data_path}: fps: the {split} clips have frame rates {rates}; a video model trains on one "
+                          "(resample the clips)")
+    return rates[0]
+
+
 def _video_ldm_from_image(cls, config, image_ldm: str | None, stage: str):
     from drivesim.training.checkpoint import load_model
 
@@ -204,7 +224,7 @@ def build_prediction(preset, data_path, image_ldm: str | None = None):
 
     from drivesim.models.video_ldm import PredictionLDM
 
-    cfg = preset.prediction
+    cfg = dataclasses.replace(preset.prediction, data_fps=_cache_fps(data_path))
     model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
     dataset = LatentClipDataset(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate
@@ -219,7 +239,7 @@ def build_interpolation(preset, data_path, image_ldm: str | None = None):
 
     from drivesim.models.video_ldm import InterpolationLDM
 
-    cfg = preset.interpolation
+    cfg = dataclasses.replace(preset.interpolation, data_fps=_cache_fps(data_path))
     model = _video_ldm_from_image(InterpolationLDM, cfg, image_ldm, "interpolation")
     dataset = InterpolationWindows(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate

@@ -186,6 +186,10 @@ class VideoLDMConfig:
     interpolation_uncond_p: float = 0.1  # interpolation: clips trained without key frames (LVDM: 10%)
     # context guidance f(z) + s (f(z; c) - f(z)) at sampling; s = 1 + w of LVDM's unconditional guidance (w = 0.1)
     context_guidance: float = 1.1
+    # frame rate of the clips the model was trained on (recorded from the latent cache by the training stage; None in
+    # checkpoints from before it was recorded). With frame_stride it fixes the model's timeline: a rollout's output
+    # fps is data_fps / interpolation.frame_stride
+    data_fps: float | None = None
 
 
 @dataclass(frozen=True)

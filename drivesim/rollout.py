@@ -80,7 +80,8 @@ class RolloutConfig:
 
     Attributes:
         fps: output frame rate = training-data fps / interpolation.frame_stride (10 for the 10 fps sample data;
-            30 for the paper's 30 fps data). The scenario is resampled to it.
+            30 for the paper's 30 fps data). None (default): taken from the stack (`resolve_fps`); a value that
+            contradicts the stack's recorded training fps is refused. The scenario is resampled to it.
         resolution: (h, w) of the decoded frames; None: the scenario's pixel frame.
         sampler: "ddim" or "dpmpp" (every diffusion model of the rollout).
         steps: sampler steps per model call; None: each model's `diffusion.num_inference_steps`.
@@ -100,7 +101,7 @@ class RolloutConfig:
         keep_segments: keep `segments/` after the final mp4 is written.
     """
 
-    fps: float = 10.0
+    fps: float | None = None
     resolution: tuple[int, int] | None = None
     sampler: str = "ddim"
     steps: int | None = None
@@ -121,7 +122,7 @@ class RolloutConfig:
 
 def check_rollout_config(cfg: RolloutConfig, source: str = "rollout config") -> None:
     """Raise `ConfigError` (naming `source` and the field) for an unusable rollout config."""
-    if not (math.isfinite(cfg.fps) and cfg.fps > 0):
+    if cfg.fps is not None and not (math.isfinite(cfg.fps) and cfg.fps > 0):
         raise ConfigError(f"{source}: fps: must be a positive number, got {cfg.fps}")
     if cfg.sampler not in ("ddim", "dpmpp"):
         raise ConfigError(f"{source}: sampler: must be 'ddim' or 'dpmpp', got {cfg.sampler!r}")
@@ -213,13 +214,51 @@ def load_models(ckpt_dir: str | Path, upsample: bool = False, device: str | torc
     return RolloutModels(fingerprint=h.hexdigest(), **models)
 
 
+def stack_fps(models: RolloutModels) -> float | None:
+    """Output frame rate the stack was trained for: the interpolation model's `data_fps / frame_stride`; None when
+    its checkpoint does not record `data_fps`.
+
+    Raises:
+        ConfigError: the prediction and interpolation models were trained on clips of different frame rates.
+    """
+    interp, pred = models.interpolation.config, models.prediction.config
+    if interp.data_fps is None:
+        return None
+    if pred.data_fps is not None and abs(pred.data_fps - interp.data_fps) > 1e-6 * interp.data_fps:
+        raise ConfigError(f"stack: data_fps: the prediction model was trained on {pred.data_fps:g} fps clips, the "
+                          f"interpolation model on {interp.data_fps:g} fps clips")
+    return interp.data_fps / interp.frame_stride
+
+
+def resolve_fps(cfg: RolloutConfig, models: RolloutModels, source: str = "rollout config") -> RolloutConfig:
+    """`cfg` with its output fps fixed by the stack (`stack_fps`): filled in when None, checked when given.
+
+    Raises:
+        ConfigError: `cfg.fps` contradicts the fps the stack was trained for (a rollout on the wrong timeline writes
+            video and boxes 3x too slow or fast, silently), or neither says an fps.
+    """
+    fps = stack_fps(models)
+    if cfg.fps is None:
+        if fps is None:
+            raise ConfigError(f"{source}: fps: the stack's checkpoints do not record the frame rate they were trained "
+                              "at; give it with --set fps=N (training-data fps / interpolation.frame_stride)")
+        return dataclasses.replace(cfg, fps=fps)
+    if fps is not None and abs(cfg.fps - fps) > 1e-6 * fps:
+        interp = models.interpolation.config
+        raise ConfigError(f"{source}: fps: {cfg.fps:g} contradicts the stack, trained for {fps:g} fps (clips of "
+                          f"{interp.data_fps:g} fps, interpolation frame_stride {interp.frame_stride}); drop the "
+                          "setting to follow the stack")
+    return cfg
+
+
 def init_checkpoint_dir(out: str | Path, preset_name: str = "tiny", seed: int = 0, upsampler: bool = True,
-                        output_std: float = 0.02) -> Path:
+                        output_std: float = 0.02, data_fps: float | None = 10.0) -> Path:
     """Write a checkpoint dir of RANDOMLY INITIALISED models of a preset (mechanics tests and benchmarks only:
     the frames are noise-like, the timing and memory are those of the real models).
 
     The zero-initialised output convolutions are re-drawn with std `output_std` so every network's output
-    depends on its input (a zero output would make all frames independent of the context).
+    depends on its input (a zero output would make all frames independent of the context). The video models
+    record `data_fps` as training fps (None: not recorded, as in older checkpoints).
     """
     from drivesim.autoencoder import VideoAutoencoder
     from drivesim.configs import get_preset
@@ -236,8 +275,9 @@ def init_checkpoint_dir(out: str | Path, preset_name: str = "tiny", seed: int = 
     models: dict[str, nn.Module] = {
         "autoencoder": VideoAutoencoder(dataclasses.replace(preset.autoencoder, video_decoder=True)),
         "image_ldm": image,
-        "prediction": PredictionLDM.from_image_ldm(image, preset.prediction),
-        "interpolation": InterpolationLDM.from_image_ldm(image, preset.interpolation),
+        "prediction": PredictionLDM.from_image_ldm(image, dataclasses.replace(preset.prediction, data_fps=data_fps)),
+        "interpolation": InterpolationLDM.from_image_ldm(image, dataclasses.replace(preset.interpolation,
+                                                                                    data_fps=data_fps)),
     }
     if upsampler:
         up = Upsampler(preset.upsampler)

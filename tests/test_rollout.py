@@ -22,7 +22,8 @@ import torch
 from drivesim.datasets.clips import Box, read_annotation, read_manifest, read_video
 from drivesim.datasets.scenario import Scenario, save_scenario
 
-from drivesim.rollout import RolloutConfig, load_models, make_plan, shard, unit_generator
+from drivesim.errors import ConfigError
+from drivesim.rollout import RolloutConfig, load_models, make_plan, resolve_fps, shard, unit_generator
 
 STEPS = "steps=2"
 
@@ -127,7 +128,7 @@ def test_streamed_decode_equals_one_shot_decode(stack, tmp_path, request):
     torch.set_grad_enabled(False)
     request.addfinalizer(lambda: torch.set_grad_enabled(True))
     models = load_models(ckpt)
-    cfg = RolloutConfig(steps=1)
+    cfg = resolve_fps(RolloutConfig(steps=1), models)
     n = 23
     plan = make_plan(models, cfg, n, (32, 64))
     cond_fn = make_cond_fn(prepare_scenario(scen, cfg.fps, plan.cond_frames), 8)
@@ -209,6 +210,32 @@ def test_sigkill_then_resume_gives_identical_frames(stack, tmp_path):
     assert record["config"]["steps"] == 2 and record["plan"]["stages"] == [1]
     assert record["config"]["context_guidance"] == 1.1 and record["config"]["context_noise_level"] == 100
     assert not (killed / "segments").exists()
+
+
+def test_rollout_fps_follows_the_stack_and_a_contradiction_is_refused(stack, tmp_path, capsys):
+    # a 30 fps stack rolled out at the old default of 10 fps wrote video and boxes on a timeline 3x too slow, silently
+    from drivesim.cli.main import main
+
+    from drivesim.rollout import init_checkpoint_dir
+
+    ckpt, scen = stack
+    models = load_models(ckpt)  # tiny stack recorded as trained on 10 fps clips, interpolation frame_stride 1
+    assert resolve_fps(RolloutConfig(), models).fps == 10.0
+    assert resolve_fps(RolloutConfig(fps=10.0), models).fps == 10.0
+    with pytest.raises(ConfigError, match="fps: 30 contradicts the stack, trained for 10 fps"):
+        resolve_fps(RolloutConfig(fps=30.0), models)
+    fast = init_checkpoint_dir(tmp_path / "fast", "tiny", seed=0, upsampler=False, data_fps=30.0)
+    assert resolve_fps(RolloutConfig(), load_models(fast)).fps == 30.0
+    old = init_checkpoint_dir(tmp_path / "old", "tiny", seed=0, upsampler=False, data_fps=None)
+    with pytest.raises(ConfigError, match="do not record the frame rate"):
+        resolve_fps(RolloutConfig(), load_models(old))
+    assert resolve_fps(RolloutConfig(fps=12.5), load_models(old)).fps == 12.5  # an older stack: the user says
+    capsys.readouterr()
+    rc = main(["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "9", "--out",
+               str(tmp_path / "o"), "--quiet", "--set", "steps=1", "--set", "fps=30"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "fps: 30 contradicts the stack" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_with_another_config_is_refused(stack, tmp_path):
