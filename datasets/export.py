@@ -4,10 +4,12 @@ Output layout (`OUT` is created whole or not at all: everything is written into 
 renamed to `OUT` at the end, and removed on any failure)::
 
     OUT/
-      images/<clip>_<frame:06d>.png|jpg      RGB frames (every K-th frame of every clip)
-      annotations.json                        COCO (format "coco")
-      labels/<clip>_<frame:06d>.txt           YOLO (format "yolo"): one line "class cx cy w h" per box
-      classes.txt, data.yaml                  YOLO class names (0-based ids = CLASS_NAMES order)
+      images/<clip>_<frame:06d>.png|jpg      COCO: RGB frames (every K-th frame of every clip)
+      annotations.json                        COCO (format "coco"); each image records its split
+      images/<split>/<clip>_<frame:06d>.*     YOLO: frames by split (train, val; "all" for folders without one)
+      labels/<split>/<clip>_<frame:06d>.txt   YOLO (format "yolo"): one line "class cx cy w h" per box
+      classes.txt, data.yaml                  YOLO class names (0-based ids = CLASS_NAMES order); data.yaml points
+                                              train/val at images/train and images/val (YOLO tools' layout)
       export.json                             what was exported from where (clips, frames, boxes, command)
 
 COCO: `images` carry id, width, height, file_name (relative to OUT), clip, frame, split; `annotations` carry
@@ -178,6 +180,9 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
         (tmp / "images").mkdir()
         if fmt == "yolo":
             (tmp / "labels").mkdir()
+            for split in sorted({c.split for c in clips}):
+                (tmp / "images" / split).mkdir()
+                (tmp / "labels" / split).mkdir()
         images: list[dict[str, Any]] = []
         coco_anns: list[dict[str, Any]] = []
         num_boxes = 0
@@ -186,16 +191,17 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
                 if k % every:
                     continue
                 name = f"{clip.clip_id}_{k:06d}"
-                current = tmp / "images" / f"{name}.{image_format}"
+                sub = f"{clip.split}/" if fmt == "yolo" else ""
+                current = tmp / "images" / f"{sub}{name}.{image_format}"
                 write_image(current, frame)
                 image_id = len(images) + 1
                 images.append({"id": image_id, "width": ann.width, "height": ann.height,
-                               "file_name": f"images/{name}.{image_format}", "clip": clip.clip_id, "frame": k,
+                               "file_name": f"images/{sub}{name}.{image_format}", "clip": clip.clip_id, "frame": k,
                                "split": clip.split})
                 boxes = ann.frames[k]
                 num_boxes += len(boxes)
                 if fmt == "yolo":
-                    current = tmp / "labels" / f"{name}.txt"
+                    current = tmp / "labels" / f"{sub}{name}.txt"
                     write_text(current, "".join(yolo_line(b, ann.width, ann.height) + "\n" for b in boxes))
                     continue
                 for b in boxes:
@@ -214,7 +220,10 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
             write_text(current, "".join(n + "\n" for n in CLASS_NAMES))
             current = tmp / "data.yaml"
             names = "".join(f"  {i}: {n}\n" for i, n in enumerate(CLASS_NAMES))
-            write_text(current, f"path: .\ntrain: images\nval: images\nnc: {len(CLASS_NAMES)}\nnames:\n{names}")
+            splits = {c.split for c in clips}
+            train = "images/train" if "train" in splits else f"images/{sorted(splits)[0]}"
+            val = "images/val" if "val" in splits else train
+            write_text(current, f"path: .\ntrain: {train}\nval: {val}\nnc: {len(CLASS_NAMES)}\nnames:\n{names}")
         summary = {"format": fmt, "source": str(root), "clips": len(clips), "images": len(images),
                    "boxes": num_boxes, "every": every, "image_format": image_format, "command": command}
         current = tmp / "export.json"

@@ -90,19 +90,24 @@ def test_yolo_round_trip_every_k_and_jpeg(ds, tmp_path):
     assert main(["export", str(ds), "--format", "yolo", "--out", str(out), "--every", "2",
                  "--image-format", "jpg"]) == 0
     assert (out / "classes.txt").read_text().split() == list(CLASS_NAMES)
-    assert "nc: 11" in (out / "data.yaml").read_text()
+    # YOLO tools read splits from the layout: data.yaml points at images/train and images/val (it said "images"
+    # for both, so validation ran on the training images)
+    yaml_text = (out / "data.yaml").read_text()
+    assert "nc: 11" in yaml_text and "train: images/train\n" in yaml_text and "val: images/val\n" in yaml_text
     truth = _all_boxes(ds)
     kept = {key for key in truth if key[1] % 2 == 0}
-    labels = sorted(p.name for p in (out / "labels").iterdir())
-    assert labels == sorted(f"{c}_{k:06d}.txt" for c, k in kept)
-    assert sorted(p.name for p in (out / "images").iterdir()) == [n.replace(".txt", ".jpg") for n in labels]
+    split_of = {e.clip_id: e.split for e in read_manifest(ds).clips}
+    labels = sorted(f"{p.parent.name}/{p.name}" for p in (out / "labels").glob("*/*.txt"))
+    assert labels == sorted(f"{split_of[c]}/{c}_{k:06d}.txt" for c, k in kept)
+    assert sorted(f"{p.parent.name}/{p.name}" for p in (out / "images").glob("*/*")) == [
+        n.replace(".txt", ".jpg") for n in labels]
     for clip, k in kept:
-        got = ex.read_yolo_boxes(out / "labels" / f"{clip}_{k:06d}.txt", 64, 32)
+        got = ex.read_yolo_boxes(out / "labels" / split_of[clip] / f"{clip}_{k:06d}.txt", 64, 32)
         want = [(c, *xyxy) for _, c, *xyxy in truth[(clip, k)]]
         assert [g[0] for g in got] == [w[0] for w in want]
         if want:  # 6 decimals of a normalised coordinate: < 1e-6 * 64 px
             np.testing.assert_allclose([g[1:] for g in got], [w[1:] for w in want], atol=1e-4)
-    assert cv2.imread(str(out / "images" / "frac_000002.jpg")).shape == (32, 64, 3)
+    assert cv2.imread(str(out / "images" / "val" / "frac_000002.jpg")).shape == (32, 64, 3)
     summary = json.loads((out / "export.json").read_text())
     assert summary["images"] == len(kept) and summary["format"] == "yolo"
 
