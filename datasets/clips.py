@@ -192,8 +192,20 @@ def _require(data: dict, key: str, types: type | tuple[type, ...], path: Path, w
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise DataError(f"{path}: {where}{key}: expected a number, got {value!r}")
     if not isinstance(value, types):
-        raise DataError(f"{path}: {where}{key}: expected {getattr(types, '__name__', types)}, got {value!r}")
+        raise DataError(f"{path}: {where}{key}: expected {_type_words(types)}, got {value!r}")
     return value
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
+               bool: "true or false"}
+
+
+def _type_words(types: type | tuple[type, ...]) -> str:
+    """What a user reads instead of Python's type reprs: (int, float) -> "a number", str -> "a string"."""
+    kinds = types if isinstance(types, tuple) else (types,)
+    if set(kinds) <= {int, float}:
+        return "a number" if float in kinds else "an integer"
+    return " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
 
 
 def parse_box(raw: Any, width: int, height: int, path: Path, where: str) -> tuple[Box, str | None]:

@@ -170,3 +170,23 @@ def test_validate_reports_every_problem(ds):
     assert any("clip_0001.json: frames[0].boxes[0].class: unknown class" in p for p in report.problems)
     assert any("clip_0001.json: frames[2].boxes[0]: non-positive area" in p for p in report.problems)
     assert any("clip_0001.mp4: video:" in p for p in report.problems)
+
+
+def test_type_errors_say_what_is_expected_in_words(tmp_path):
+    # "expected (<class 'int'>, <class 'float'>)" was Python talking to a user
+    import json
+
+    from drivesim.datasets.clips import read_annotation, write_synthetic_dataset
+
+    from drivesim.errors import DataError
+
+    root = tmp_path / "ds"
+    write_synthetic_dataset(root, clips=1, frames=2, size=(32, 64))
+    path = root / "clip_0000.json"
+    data = json.loads(path.read_text())
+    data["fps"] = "ten"
+    data["frames"][0]["boxes"][0]["x1"] = "left"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as e:
+        read_annotation(path)
+    assert "expected a number" in str(e.value) and "<class" not in str(e.value)
