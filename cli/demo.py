@@ -227,6 +227,7 @@ class DemoSettings:
     estimate_min: dict[str, float]
     threads: int | None = None
     train_autoencoder: bool = False  # train the autoencoder even when the preset ships one (drivesim.pretrained)
+    from_scratch: bool = False  # train every stage (no shipped autoencoder or image LDM)
     steps: dict[str, int] = dataclasses.field(default_factory=dict)  # optimizer steps per stage (the budget)
     detector: Path | None = None  # reference box detector (None: the shipped one for this data, if any)
 
@@ -282,6 +283,10 @@ class Demo:
             parts |= {"up": prev["autoencoder"], "resolution": list(p.resolution)}
         elif name == "video_decoder":
             parts |= {"up": prev["encode"], "model": to_dict(p.autoencoder), "train": to_dict(self.train_cfg(name))}
+        elif name == "image_ldm" and self.pretrained_image_ldm() is not None:
+            from drivesim.pretrained import weights_sha256
+
+            parts |= {"up": prev["encode"], "pretrained": weights_sha256(self.pretrained_image_ldm())}
         elif name == "image_ldm":
             parts |= {"up": prev["encode"], "model": to_dict(p.image_ldm), "train": to_dict(self.train_cfg(name))}
         elif name in ("prediction", "interpolation"):
@@ -332,7 +337,9 @@ class Demo:
             if self.state.is_done(name, self.hashes.get(name, "")):
                 continue
             budget = None
-            if name in TRAIN_STEPS and not (name == "autoencoder" and self.pretrained_autoencoder() is not None):
+            shipped = (name == "autoencoder" and self.pretrained_autoencoder() is not None) or (
+                name == "image_ldm" and self.pretrained_image_ldm() is not None)
+            if name in TRAIN_STEPS and not shipped:
                 tc = self.train_cfg(name)
                 rate = SECONDS_PER_STEP.get(self.s.preset_name, {}).get(name)
                 budget = tc.max_steps * rate / 60 if rate is not None else None
@@ -491,8 +498,37 @@ class Demo:
     def _run_video_decoder(self, resume: bool) -> dict:
         return self._train("video_decoder", self.s.data, autoencoder=str(self._export("autoencoder")))
 
+    def pretrained_image_ldm(self) -> Path | None:
+        """The image LDM shipped for this preset, when the demo also uses the shipped autoencoder it was trained on
+        (its card records that autoencoder's sha256); None otherwise (`--from-scratch`, `--train-autoencoder`)."""
+        from drivesim.pretrained import model_card, shipped_checkpoint, weights_sha256
+
+        ae = self.pretrained_autoencoder()
+        folder = None if self.s.from_scratch or ae is None else shipped_checkpoint("image_ldm", self.s.preset_name)
+        if folder is None or model_card(folder).get("autoencoder_sha256") != weights_sha256(ae):
+            return None
+        return folder
+
     def _run_image_ldm(self, resume: bool) -> dict:
-        return self._train("image_ldm", self.s.out / "latents.h5")
+        shipped = self.pretrained_image_ldm()
+        if shipped is None:
+            return self._train("image_ldm", self.s.out / "latents.h5")
+        from drivesim.configs import to_dict
+        from drivesim.pretrained import install_checkpoint, model_card, weights_sha256
+        from drivesim.training.checkpoint import load_model
+
+        card = model_card(shipped)
+        export = install_checkpoint(shipped, self.s.out / "train" / "image_ldm" / "model")
+        if to_dict(load_model(export, "image_ldm").config) != to_dict(self.preset.image_ldm):
+            raise ConfigError(f"{shipped}: config: the shipped image LDM does not match preset "
+                              f"{self.s.preset_name}'s image_ldm block; use --from-scratch")
+        self.console.print(f"image LDM: the pretrained {shipped.name} ({card.get('steps')} steps; "
+                           f"{card.get('summary', '')}) -> {export}  (--from-scratch trains one instead)",
+                           highlight=False)
+        return {"export": str(export), "weights": "pretrained", "pretrained": str(shipped),
+                "sha256": weights_sha256(shipped), "steps": card.get("steps"), "stop_reason": "shipped",
+                "batch_size": card.get("batch_size"), "max_steps": card.get("steps"), "budget_minutes": None,
+                "final_loss": card.get("final_loss"), "steps_per_s": None}
 
     def _run_prediction(self, resume: bool) -> dict:
         return self._train("prediction", self.s.out / "latents.h5", image_ldm=str(self._export("image_ldm")))
@@ -773,9 +809,9 @@ def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
         st = run["stages"].get(name, {})
         secs = st.get("seconds")
         what = ""
-        if name == "autoencoder" and st.get("weights") == "pretrained":
-            what = (f"pretrained autoencoder shipped with drivesim ({st.get('pretrained')}, {st.get('steps')} "
-                    f"steps, batch {st.get('batch_size')}; its model card says how it was made)")
+        if name in ("autoencoder", "image_ldm") and st.get("weights") == "pretrained":
+            what = (f"pretrained {name.replace('_', ' ')} shipped with drivesim ({st.get('pretrained')}, "
+                    f"{st.get('steps')} steps, batch {st.get('batch_size')}; its model card says how it was made)")
         elif name in TRAIN_STEPS and "steps" in st:
             budget = st.get("budget_minutes")
             what = (f"{st['steps']} steps ({st.get('stop_reason')}; budget "
@@ -881,7 +917,8 @@ def demo_cmd(
         eval_n=eval_n if eval_n is not None else defaults["eval_n"], pool=defaults["pool"], seed=seed,
         quiet=quiet, as_json=as_json, estimate_min=defaults["estimate_min"],
         threads=None if threads == "auto" else int(threads),
-        train_autoencoder=train_autoencoder or from_scratch, steps=step_map, detector=detector)
+        train_autoencoder=train_autoencoder or from_scratch, from_scratch=from_scratch, steps=step_map,
+        detector=detector)
     summary = Demo(settings).run()
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))

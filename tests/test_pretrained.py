@@ -64,3 +64,50 @@ def test_shipped_detector_is_tied_to_the_data_it_was_trained_on(tmp_path):
     other.mkdir()
     (other / "manifest.json").write_text("{}")
     assert shipped_detector_for(other) is None  # another dataset gets no detector silently
+
+
+def test_demo_installs_shipped_checkpoints_and_from_scratch_trains(tmp_path, monkeypatch):
+    # the demo's choice, on tiny stand-ins: shipped autoencoder + image LDM (tied by the card's autoencoder sha256)
+    from drivesim.cli.demo import DEMO_DEFAULTS, Demo, DemoSettings
+    from drivesim.datasets.clips import write_synthetic_dataset
+
+    import drivesim.pretrained as pretrained
+    from drivesim.autoencoder import AutoencoderKL
+    from drivesim.models.image_ldm import ImageLDM
+    from drivesim.training.checkpoint import save_model
+
+    tiny = get_preset("tiny")
+    root = tmp_path / "pretrained"
+    torch.manual_seed(0)
+    save_model(AutoencoderKL(tiny.autoencoder), root / "ae")
+    save_model(ImageLDM(tiny.image_ldm), root / "ldm")
+    (root / "ae" / CARD_NAME).write_text(json.dumps({"command": "drivesim train autoencoder ...", "steps": 7}))
+    card = {"command": "drivesim train image_ldm ...", "steps": 9,
+            "autoencoder_sha256": pretrained.weights_sha256(root / "ae")}
+    (root / "ldm" / CARD_NAME).write_text(json.dumps(card))
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", root)
+    monkeypatch.setattr(pretrained, "SHIPPED", {("autoencoder", "tiny"): "ae", ("image_ldm", "tiny"): "ldm"})
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, clips=2, frames=4)
+    d = DEMO_DEFAULTS["tiny"]
+
+    def demo(**kw):
+        return Demo(DemoSettings(data=data, preset_name="tiny", out=tmp_path / "out", from_stage=None, budgets={},
+                                 rollout_minutes=0.01, rollout_sets=[], eval_n=2, pool=1, seed=0, quiet=True,
+                                 as_json=False, estimate_min=d["estimate_min"], **kw))
+
+    plain = demo()
+    assert plain.pretrained_autoencoder() == root / "ae" and plain.pretrained_image_ldm() == root / "ldm"
+    info = plain._run_autoencoder(False)
+    assert info["weights"] == "pretrained" and info["steps"] == 7
+    assert (tmp_path / "out" / "train" / "autoencoder" / "model" / "model.safetensors").is_file()
+    plain.state.start("autoencoder", "x")
+    plain.state.finish("autoencoder", 0.0, info)
+    info = plain._run_image_ldm(False)
+    assert info["weights"] == "pretrained" and Path(info["export"]).is_dir()
+    # an image LDM is only used with the autoencoder it was trained on; --from-scratch trains both
+    assert demo(train_autoencoder=True).pretrained_image_ldm() is None
+    scratch = demo(train_autoencoder=True, from_scratch=True)
+    assert scratch.pretrained_autoencoder() is None and scratch.pretrained_image_ldm() is None
+    (root / "ldm" / CARD_NAME).write_text(json.dumps({**card, "autoencoder_sha256": "0" * 64}))
+    assert demo().pretrained_image_ldm() is None

@@ -1,8 +1,10 @@
 """Small fp16 checkpoints shipped with drivesim, each with a model card (`model_card.json`).
 
-Video LDM builds its video models on a PRETRAINED image autoencoder (Blattmann et al. 2023, Sec. 3); so does
-`drivesim demo`: with the cpu-small preset it starts from the autoencoder shipped here instead of training one for
-minutes (which cannot draw a car), unless `--train-autoencoder` / `--from-scratch` is given.
+Video LDM builds its video models on a PRETRAINED image autoencoder and image LDM (Blattmann et al. 2023, Sec. 3);
+so does `drivesim demo`: with the cpu-small preset it starts from the checkpoints shipped here instead of training
+them for minutes (an autoencoder trained for minutes cannot draw a car), and trains what Video LDM trains on top
+(the decoder's temporal layers, the prediction and interpolation models), unless `--train-autoencoder` /
+`--from-scratch` is given.
 
 Each folder holds `model.safetensors` (fp16), `config.json` (the usual checkpoint header: format version, model
 class, config with the scale factor already computed) and `model_card.json`: the command that reproduces it, seed,
@@ -20,7 +22,8 @@ from drivesim.errors import CheckpointError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 
-SHIPPED: dict[tuple[str, str], str] = {("autoencoder", "cpu-small"): "autoencoder-cpu-small"}
+SHIPPED: dict[tuple[str, str], str] = {("autoencoder", "cpu-small"): "autoencoder-cpu-small",
+                                       ("image_ldm", "cpu-small"): "image-ldm-cpu-small"}
 """(stage, preset) -> folder under `PRETRAINED_DIR`."""
 
 CARD_NAME = "model_card.json"

@@ -1,0 +1,66 @@
+"""Turn a trained image LDM run into the checkpoint drivesim ships (fp16 safetensors + config + model card).
+
+    python scripts/ship_image_ldm.py --run runs/ldm_long --ae drivesim/pretrained/autoencoder-cpu-small \
+        --measured benchmarks/results/box_fidelity.json --out drivesim/pretrained/image-ldm-cpu-small \
+        --train-command "drivesim train image_ldm ..."
+
+The card records the sha256 of the autoencoder whose latents it was trained on (the demo uses the image LDM only
+with that autoencoder) and the box-fidelity rows measured by `benchmarks/box_fidelity.py` (`--measured`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from drivesim.configs import Preset, load_yaml
+from drivesim.pretrained import weights_sha256
+from drivesim.training.checkpoint import load_model, save_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--ae", type=Path, required=True, help="the autoencoder whose latents trained the run")
+    ap.add_argument("--measured", type=Path, required=True, help="benchmarks/box_fidelity.py result of the run")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-command", required=True)
+    ap.add_argument("--encode-command", default="drivesim encode --ae drivesim/pretrained/autoencoder-cpu-small "
+                                                "--data data/sample --out runs/latents_ship.h5")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    src = args.run / "model-ema"
+    model = load_model(src, "image_ldm")
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_model(model, args.out, state_dict=state)
+    steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
+    tc = load_yaml(Preset, args.run / "config-image_ldm.yaml").train["image_ldm"]
+    measured = json.loads(args.measured.read_text())
+    rows = measured["rows"]
+    keys = ("all", "lt8", "8to16", "ge12", "ge16")
+    card = {
+        "name": args.out.name, "model_class": "image_ldm",
+        "command": args.train_command, "encode_command": args.encode_command,
+        "ship_command": "python " + " ".join(sys.argv),
+        "data": "data/sample (train split latents)", "autoencoder": str(args.ae),
+        "autoencoder_sha256": weights_sha256(args.ae),
+        "steps": steps["step"], "batch_size": tc.batch_size, "lr": tc.lr, "lr_schedule": tc.lr_schedule,
+        "ema_decay": tc.ema_decay, "seed": tc.seed, "weights": "model-ema of the run, cast to float16",
+        "measured_with": measured["command"],
+        "ap50": {name: {k: row[k]["AP50"] for k in keys} for name, row in rows.items()},
+        "fid": measured.get("fid"), "day_night": measured.get("day_night"),
+    }
+    g1 = card["ap50"].get("generated_guidance_1", {})
+    card["summary"] = (f"box AP50 (>= 16 px) of its samples {g1.get('ge16', float('nan')):.3f} vs real frames "
+                       f"{card['ap50']['real']['ge16']:.3f} (shuffled boxes "
+                       f"{card['ap50'].get('shuffled_guidance_1', {}).get('ge16', float('nan')):.3f})")
+    (args.out / "model_card.json").write_text(json.dumps(card, indent=1))
+    print(json.dumps(card, indent=1))
+
+
+if __name__ == "__main__":
+    main()
