@@ -1,7 +1,8 @@
 """Reconstruction metrics for the autoencoder report: PSNR, SSIM (Gaussian window) and temporal flicker.
 
-All take videos `(b, t, c, h, w)` float in [0, 1] (map [-1, 1] frames with (x + 1) / 2) and return per-frame
-values `(b, t)` (flicker: per frame pair, `(b, t - 1)`), so callers can average however they like.
+All take videos `(b, t, c, h, w)` float in [0, 1] (map [-1, 1] frames with (x + 1) / 2) on any device and return
+per-frame values `(b, t)` (flicker: per frame pair, `(b, t - 1)`) in float64 on the CPU, so callers can average
+however they like.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from einops import rearrange
 __all__ = ["psnr", "ssim", "flicker", "gaussian_window"]
 
 
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    """float64 on the CPU: the metrics accumulate in float64, which some accelerators lack (Apple MPS)."""
+    return x.detach().float().cpu().double()
+
+
 def psnr(rec: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per frame, dB: 10 log10(range^2 / MSE) over (c, h, w). (b, t) float64.
 
     Identical frames give +inf.
     """
-    mse = (rec.double() - ref.double()).pow(2).mean(dim=(-3, -2, -1))
+    mse = (_f64(rec) - _f64(ref)).pow(2).mean(dim=(-3, -2, -1))
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
@@ -41,8 +47,8 @@ def ssim(rec: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, window: 
     b, t, c, h, w = ref.shape
     if h < window or w < window:
         raise ValueError(f"frames {h}x{w} smaller than the SSIM window {window}")
-    x = rearrange(rec.double(), "b t c h w -> (b t c) 1 h w")
-    y = rearrange(ref.double(), "b t c h w -> (b t c) 1 h w")
+    x = rearrange(_f64(rec), "b t c h w -> (b t c) 1 h w")
+    y = rearrange(_f64(ref), "b t c h w -> (b t c) 1 h w")
     g = gaussian_window(window, sigma).to(x.device)
     gv, gh = rearrange(g, "k -> 1 1 k 1"), rearrange(g, "k -> 1 1 1 k")
 
@@ -65,7 +71,7 @@ def flicker(rec: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     0 when the reconstruction changes from frame to frame exactly as the original does (a constant per-frame
     error does not count; an error that changes between frames does). (b, t - 1) float64.
     """
-    d_rec = rec.double().diff(dim=1)
-    d_ref = ref.double().diff(dim=1)
+    d_rec = _f64(rec).diff(dim=1)
+    d_ref = _f64(ref).diff(dim=1)
     return (d_rec - d_ref).abs().mean(dim=(-3, -2, -1))
 
