@@ -303,13 +303,14 @@ def rollout_cmd(
     config: Path = typer.Option(None, "--config", help="RolloutConfig YAML."),
     sets: list[str] = typer.Option([], "--set", help="RolloutConfig override key=value, repeatable."),
     device: str = typer.Option("cpu", "--device", help="torch device of the models, e.g. cuda (noise is drawn on "
-                                                       "the CPU; resume on the same device for identical frames)."),
+                                                       "the CPU; resume on the same device for identical frames); "
+                                                       "under accelerate/torchrun, cuda means cuda:LOCAL_RANK."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Generate a multi-minute driving video that follows a scenario's boxes (key frames -> x4 -> x4, video
     decoder, optional upsampler), streamed to disk and resumable."""
-    from drivesim.rollout import load_models, resolve_fps, shard
+    from drivesim.rollout import load_models, process_device, resolve_fps, shard
 
     if (scenario is None) == (scenarios is None):
         raise ConfigError("rollout: give exactly one of --scenario FILE or --scenarios DIR")
@@ -322,7 +323,7 @@ def rollout_cmd(
     cfg = resolve_config(config, sets, upsample)
     # inference only; a context (not set_grad_enabled) so in-process callers get their grad mode back
     with torch.no_grad():
-        models = load_models(ckpt_dir, upsample=cfg.upsample, device=device)
+        models = load_models(ckpt_dir, upsample=cfg.upsample, device=process_device(device))
         cfg = resolve_fps(cfg, models, str(config) if config else "--set fps")
         num_frames = frames if frames is not None else max(1, round(minutes * 60 * cfg.fps))
         if scenario is not None:

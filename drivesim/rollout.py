@@ -386,6 +386,16 @@ def unit_generator(seed: int, unit: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def process_device(device: str, env: dict[str, str] | None = None) -> str:
+    """The device of this process under a multi-process launch (`accelerate launch`, `torchrun` set LOCAL_RANK): an
+    accelerator named without an index ("cuda") becomes "cuda:<LOCAL_RANK>", so each process takes its own GPU;
+    "cpu" and an explicit index ("cuda:1") are kept as given."""
+    local = (os.environ if env is None else env).get("LOCAL_RANK")
+    if local is None or device == "cpu" or ":" in device:
+        return device
+    return f"{device}:{int(local)}"
+
+
 def shard(items: list, rank: int, world_size: int) -> list:
     """Rank-strided share of `items`: rank r gets items r, r + W, r + 2W, ... (every item exactly once)."""
     if world_size < 1 or not 0 <= rank < world_size:

@@ -268,6 +268,22 @@ def test_scenarios_are_sharded_over_ranks(stack, tmp_path):
     assert done == [{"a": 0, "c": 2}, {"b": 1}]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
     assert all(read_video(tmp_path / "out" / s / "rollout.mp4").shape[0] == 1 for s in "abc")
+    # the sharded outputs equal one process rolling out every scenario (same seeds, same frames)
+    single = [a if a != str(tmp_path / "out") else str(tmp_path / "single") for a in base]
+    r = subprocess.run(single, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for s in "abc":
+        np.testing.assert_array_equal(read_video(tmp_path / "single" / s / "rollout.mp4"),
+                                      read_video(tmp_path / "out" / s / "rollout.mp4"))
+
+
+def test_each_process_takes_its_own_device():
+    from drivesim.rollout import process_device
+
+    assert process_device("cuda", {"LOCAL_RANK": "3"}) == "cuda:3"
+    assert process_device("cuda:1", {"LOCAL_RANK": "3"}) == "cuda:1"  # an explicit index is kept
+    assert process_device("cpu", {"LOCAL_RANK": "3"}) == "cpu"
+    assert process_device("cuda", {}) == "cuda"
 
 
 def test_labels_follow_the_rollout_resolution(stack, tmp_path):
