@@ -14,7 +14,7 @@ output folder:
       latents/frames_<u>.npy   output-rate latents of unit u
       segments/seg_<u>.mp4     frames made final by unit u (each a closed, playable mp4; removed at the end
                                unless keep_segments: an mp4 still being written has no index and cannot play)
-      state.json / state.safetensors   resume state (written atomically after every unit)
+      state.json / state-<n>.safetensors   resume state (committed atomically after every unit)
 """
 
 from __future__ import annotations

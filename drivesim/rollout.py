@@ -24,8 +24,8 @@ Streaming and memory: work proceeds in units (unit 0: the image-LDM frame; unit 
 everything it makes final: its interpolation windows, the decode windows whose latents are complete, the
 upsampler chunks). After each unit the new key latents and output-rate latents are written to
 `latents/keys_<u>.npy` / `latents/frames_<u>.npy`, the newly final frames to `segments/seg_<u>.mp4` (a closed,
-playable mp4 per unit, written by the caller's `segment_writer`), and then the state (`state.json` +
-`state.safetensors`, each temp file + rename). The working set is the context window, the key frames not yet
+playable mp4 per unit, written by the caller's `segment_writer`), and then the state (a new
+`state-<n>.safetensors`, then `state.json` naming it, each temp file + rename: one atomic commit). The working set is the context window, the key frames not yet
 interpolated, the latents of the current decode window and the cross-fade partial sums: it does not grow with
 the rollout length. The final mp4 is assembled from the segments at the end (`drivesim.cli.rollout`).
 
@@ -450,7 +450,7 @@ class Rollout:
         cfg: `RolloutConfig`.
         cond_fn: output-frame indices -> `Conditioning` (b = 1) of those frames.
         num_frames: output frames N.
-        out_dir: folder for latents/, segments/, state.json, state.safetensors.
+        out_dir: folder for latents/, segments/, state.json, state-<n>.safetensors.
         seed: rollout seed.
         segment_writer: writes one segment mp4 (e.g. `drivesim.datasets.clips.write_video`).
         resolution: (h, w) of the decoded frames (before upsampling).
@@ -492,6 +492,7 @@ class Rollout:
         self.up_pending = None  # decoded frames waiting for a full upsampler chunk
         self.frames_written = 0
         self.segments: list[str] = []
+        self.state_seq = 0  # number of the last state written (its tensors file is state-<seq>.safetensors)
 
     @property
     def state_path(self) -> Path:
@@ -506,18 +507,28 @@ class Rollout:
             tensors["partial"] = self.partial.contiguous()
         if self.up_pending is not None:
             tensors["up_pending"] = self.up_pending.contiguous()
-        tmp = self.out / ".state.safetensors.tmp"
+        # the state is one unit: a new tensors file under a new name, then state.json naming it (one atomic rename),
+        # then the old tensors file goes. A kill between the two writes leaves state.json naming the previous,
+        # still present tensors file: the resume repeats one unit (overwriting one file in place made that gap a
+        # state no resume could read)
+        self.state_seq += 1
+        name = f"state-{self.state_seq:06d}.safetensors"
+        tmp = self.out / f".{name}.tmp"
         save_file(tensors, str(tmp))
-        os.replace(tmp, self.out / "state.safetensors")
+        os.replace(tmp, self.out / name)
         meta = {"state_version": STATE_VERSION, "config_hash": self.config_hash, "seed": self.seed,
                 "rng": "torch.Generator per unit, seeded from numpy SeedSequence([seed, unit])",
                 "unit": self.unit, "num_units": self.plan.num_units, "keys_base": self.keys_base,
                 "keys_done": self.keys_done, "interp_key": self.interp_key, "lat_base": self.lat_base,
                 "lat_done": self.lat_done, "window": self.window, "final": self.final,
                 "frames_written": self.frames_written, "segments": self.segments,
-                "tensors_sha256": hashlib.sha256((self.out / "state.safetensors").read_bytes()).hexdigest(),
+                "tensors_file": name, "state_seq": self.state_seq,
+                "tensors_sha256": hashlib.sha256((self.out / name).read_bytes()).hexdigest(),
                 "complete": self.done}
         _atomic_json(self.state_path, meta)
+        for stale in self.out.glob("state*.safetensors"):
+            if stale.name != name:
+                stale.unlink()
 
     def _load_state(self) -> None:
         from safetensors.torch import load_file
@@ -529,9 +540,12 @@ class Rollout:
         if meta.get("config_hash") != self.config_hash:
             raise ConfigError(f"{self.state_path}: config_hash: the rollout was started with another config, "
                               "seed, length or checkpoints; resume with the same ones (or use a new --out)")
-        blob = self.out / "state.safetensors"
+        blob = self.out / str(meta.get("tensors_file", "state.safetensors"))
+        if blob.parent != self.out or not blob.is_file():
+            raise CheckpointError(f"{self.state_path}: tensors_file: {blob.name} is missing")
         if hashlib.sha256(blob.read_bytes()).hexdigest() != meta.get("tensors_sha256"):
             raise CheckpointError(f"{blob}: tensors_sha256: does not match state.json")
+        self.state_seq = int(meta.get("state_seq", 0))
         t = load_file(str(blob))
         self.keys, self.latents, self.partial_w = t["keys"], t["latents"], t["partial_w"]
         self.partial, self.up_pending = t.get("partial"), t.get("up_pending")

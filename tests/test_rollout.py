@@ -300,3 +300,41 @@ def test_labels_follow_the_rollout_resolution(stack, tmp_path):
     first = {b.track_id: b for b in ann.frames[0]}
     assert (first["1"].x1, first["1"].y1, first["1"].x2, first["1"].y2) == (10.0, 20.0, 50.0, 52.0)
     assert (first["2"].x1, first["2"].x2) == (80.0, 92.0)
+
+
+def test_kill_between_the_two_state_writes_still_resumes(stack, tmp_path, monkeypatch, request):
+    # the state is a tensors file and state.json; a kill after the first write and before the second left a pair
+    # no resume could read ("tensors_sha256: does not match state.json"). Simulate that kill, resume, compare.
+    from drivesim.cli.rollout import make_cond_fn, prepare_scenario
+
+    import drivesim.rollout as rollout_module
+    from drivesim.rollout import Rollout
+
+    ckpt, scen = stack
+    torch.set_grad_enabled(False)
+    request.addfinalizer(lambda: torch.set_grad_enabled(True))
+    models = load_models(ckpt)
+    cfg = resolve_fps(RolloutConfig(steps=1), models)
+    n = 30
+    plan = make_plan(models, cfg, n, (32, 64))
+
+    def rollout(out):
+        cond_fn = make_cond_fn(prepare_scenario(scen, cfg.fps, plan.cond_frames), 8)
+        return Rollout(models, cfg, cond_fn, n, out, 0, lambda path, frames, fps: None, (32, 64))
+
+    assert rollout(tmp_path / "straight").run()["complete"]
+    out = tmp_path / "killed"
+    rollout(out).run(max_units=1)
+    real_json = rollout_module._atomic_json
+
+    def killed(path, data):
+        raise KeyboardInterrupt("killed between the tensors and state.json")
+
+    monkeypatch.setattr(rollout_module, "_atomic_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rollout(out).run(resume=True, max_units=1)
+    monkeypatch.setattr(rollout_module, "_atomic_json", real_json)
+    summary = rollout(out).run(resume=True)
+    assert summary["complete"] and summary["resumed_from"] == 1
+    np.testing.assert_array_equal(_latents(out), _latents(tmp_path / "straight"))
+    assert len(list(out.glob("state*.safetensors"))) == 1  # the orphan of the killed write is gone
