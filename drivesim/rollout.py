@@ -25,9 +25,10 @@ everything it makes final: its interpolation windows, the decode windows whose l
 upsampler chunks). After each unit the new key latents and output-rate latents are written to
 `latents/keys_<u>.npy` / `latents/frames_<u>.npy`, the newly final frames to `segments/seg_<u>.mp4` (a closed,
 playable mp4 per unit, written by the caller's `segment_writer`), and then the state (a new
-`state-<n>.safetensors`, then `state.json` naming it, each temp file + rename: one atomic commit). The working set is the context window, the key frames not yet
-interpolated, the latents of the current decode window and the cross-fade partial sums: it does not grow with
-the rollout length. The final mp4 is assembled from the segments at the end (`drivesim.cli.rollout`).
+`state-<n>.safetensors`, then `state.json` naming it, each temp file + rename: one atomic commit). The working
+set is the context window, the key frames not yet interpolated, the latents of the current decode window and the
+cross-fade partial sums: it does not grow with the rollout length. The final mp4 is assembled from the segments
+at the end (`drivesim.cli.rollout`).
 
 Resume: every unit draws its noise from its own generator seeded with (seed, unit index) (`unit_generator`),
 and the state holds everything later units read, so a rollout killed at any point and resumed produces the same
