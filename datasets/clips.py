@@ -244,6 +244,39 @@ def parse_box(raw: Any, width: int, height: int, path: Path, where: str) -> tupl
     return Box(str(track_id), cls, cx1, cy1, cx2, cy2), note
 
 
+def parse_frame_boxes(raw_boxes: list, width: int, height: int, path: Path, k: int,
+                      problems: list[str] | None = None) -> tuple[list[Box], list[str]]:
+    """The boxes of frame `k` (clip annotations and scenarios share this one rule set): each validated by
+    `parse_box`, and a track id at most once per frame (a track id names one object).
+
+    Returns:
+        (boxes, notes of boxes clipped to the image).
+
+    Raises:
+        DataError: the first bad box (naming `path` and `frames[k].boxes[j]`), unless `problems` is given: then
+            each bad box's error line is appended there and the box dropped.
+    """
+    boxes: list[Box] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    for j, rb in enumerate(raw_boxes):
+        where = f"frames[{k}].boxes[{j}]"
+        try:
+            box, note = parse_box(rb, width, height, path, where)
+            if box.track_id in seen:
+                raise DataError(f"{path}: {where}.track_id: duplicate track id {box.track_id!r} in this frame")
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
+        seen.add(box.track_id)
+        boxes.append(box)
+        if note:
+            notes.append(note)
+    return boxes, notes
+
+
 def annotation_from_json(data: Any, path: Path, problems: list[str] | None = None) -> ClipAnnotation:
     """Validate a parsed annotation JSON (see module docstring). Raises DataError naming `path` and the field.
 
@@ -286,18 +319,8 @@ def annotation_from_json(data: Any, path: Path, problems: list[str] | None = Non
         if index != k:
             raise DataError(f"{path}: frames[{k}].index: expected {k}, got {index!r}")
         raw_boxes = _require(raw, "boxes", list, path, f"frames[{k}].")
-        boxes = []
-        for j, rb in enumerate(raw_boxes):
-            try:
-                box, note = parse_box(rb, width, height, path, f"frames[{k}].boxes[{j}]")
-            except DataError as e:
-                if problems is None:
-                    raise
-                problems.append(str(e))
-                continue
-            boxes.append(box)
-            if note:
-                notes.append(note)
+        boxes, frame_notes = parse_frame_boxes(raw_boxes, width, height, path, k, problems)
+        notes += frame_notes
         frames.append(boxes)
     clip_id = check_clip_id(data.get("id", path.stem), path, "id")
     return ClipAnnotation(clip_id, fps, width, height, night, crowdedness, source, frames, notes)

@@ -2,7 +2,8 @@
 
 A scenario is what a rollout is conditioned on and, because every generated frame's boxes come from it, the
 labels of the generated video. It is a clip annotation without a video: the same `Box` type, the same pixel
-frame (`width` x `height`, image frame: x right, y down, xyxy) and the same validation (`parse_box`).
+frame (`width` x `height`, image frame: x right, y down, xyxy) and the same validation (`parse_frame_boxes`:
+`parse_box` per box, a track id once per frame).
 
 JSON (`format: "drivesim-scenario"`, documented in the README section "Scenarios")::
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
-from drivesim.datasets.clips import Box, ClipAnnotation, parse_box, read_json, write_json_atomic
+from drivesim.datasets.clips import Box, ClipAnnotation, parse_frame_boxes, read_json, write_json_atomic
 
 from drivesim.errors import DataError
 from drivesim.types import Conditioning
@@ -174,16 +175,8 @@ def scenario_from_json(data: Any, path: str | Path) -> Scenario:
         raw_boxes = raw["boxes"]
         if not isinstance(raw_boxes, list):
             raise DataError(f"{path}: frames[{k}].boxes: expected a list")
-        boxes, seen = [], set()
-        for j, rb in enumerate(raw_boxes):
-            box, note = parse_box(rb, width, height, path, f"frames[{k}].boxes[{j}]")
-            if box.track_id in seen:
-                raise DataError(f"{path}: frames[{k}].boxes[{j}].track_id: duplicate track id {box.track_id!r} "
-                                "in this frame")
-            seen.add(box.track_id)
-            boxes.append(box)
-            if note:
-                notes.append(note)
+        boxes, frame_notes = parse_frame_boxes(raw_boxes, width, height, path, k)
+        notes += frame_notes
         frames.append(boxes)
     return Scenario(fps, width, height, night, crowdedness, frames, source, notes)
 

@@ -229,6 +229,10 @@ CASES: list[Case] = [
          r"frames\[1\]\.boxes\[0\]: box lies outside the 64x32 image"),
     Case("box unknown class (data info)", clip_case(ann_edit(_box_edit(**{"class": "spaceship"})), "info"),
          r"clip_0000\.json", r"frames\[1\]\.boxes\[0\]\.class: unknown class 'spaceship'"),
+    # one rule for clips and scenarios: `data validate` accepted what `scenario validate` refused
+    Case("duplicate track id in a frame (data info)", clip_case(ann_edit(lambda d: d["frames"][1]["boxes"].append(
+        dict(d["frames"][1]["boxes"][0]))), "info"), r"clip_0000\.json",
+         r"frames\[1\]\.boxes\[\d\]\.track_id: duplicate track id"),
     Case("box without track id", clip_case(ann_edit(lambda d: d["frames"][1]["boxes"][0].pop("track_id"))),
          r"clip_0000\.json", r"frames\[1\]\.boxes\[0\]\.track_id: missing"),
     Case("annotation field missing", clip_case(ann_edit(lambda d: d.pop("night"))), r"clip_0000\.json",
