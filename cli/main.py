@@ -1,7 +1,9 @@
 """The `drivesim` command: a typer app whose command groups live in sibling modules.
 
-Errors from bad user input (`DrivesimError`) print as one red line and exit with status 1; `--debug` (anywhere
-on the command line) shows the traceback instead.
+Errors from bad user input (`DrivesimError`) and anticipated failures of the machine (`OSError`: a full or
+read-only disk, a file where a folder is needed; `MemoryError`; `RecursionError` from absurdly nested input)
+print as one red line and exit with status 1; `--debug` (anywhere on the command line) shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -81,9 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     except DrivesimError as e:
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
-        return 1
+        return _one_line(str(e))
+    except OSError as e:  # a full or read-only disk, an existing file where a folder is needed, ...
+        if debug:
+            raise
+        where = e.filename if e.filename is not None else "file system"
+        extra = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+        return _one_line(f"{where}{extra}: {e.strerror or e} (--debug shows the traceback)")
+    except MemoryError:
+        if debug:
+            raise
+        return _one_line("out of memory: the request is larger than this machine holds (a shorter video, fewer "
+                         "frames or a smaller batch)")
+    except RecursionError:
+        if debug:
+            raise
+        return _one_line("input nested too deeply to read (a config or JSON file with hundreds of nested levels)")
     return rc if isinstance(rc, int) else 0
+
+
+def _one_line(message: str) -> int:
+    err_console.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    return 1
 
 
 if __name__ == "__main__":

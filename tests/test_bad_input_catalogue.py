@@ -233,6 +233,12 @@ CASES: list[Case] = [
     Case("duplicate track id in a frame (data info)", clip_case(ann_edit(lambda d: d["frames"][1]["boxes"].append(
         dict(d["frames"][1]["boxes"][0]))), "info"), r"clip_0000\.json",
          r"frames\[1\]\.boxes\[\d\]\.track_id: duplicate track id"),
+    # an OSError (here: a file where the output's folder should be) leaked as a traceback
+    Case("output folder is a file (scenario from-clip)", lambda tmp: [(tmp / "afile").write_text("x"),
+                                                                       "scenario", "from-clip",
+                                                                       f"{tmp / 'ds'}:clip_0000", "--out",
+                                                                       str(tmp / "afile" / "s.json")][1:],
+         r"afile", r"Not a directory|File exists"),
     Case("box without track id", clip_case(ann_edit(lambda d: d["frames"][1]["boxes"][0].pop("track_id"))),
          r"clip_0000\.json", r"frames\[1\]\.boxes\[0\]\.track_id: missing"),
     Case("annotation field missing", clip_case(ann_edit(lambda d: d.pop("night"))), r"clip_0000\.json",
