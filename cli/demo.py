@@ -485,7 +485,7 @@ class Demo:
         self.console.print(f"encoding every clip of {self.s.data} with {self._export('autoencoder')} -> {out}",
                            highlight=False)
         encode_cmd(ae=self._export("autoencoder"), data=self.s.data, out=out, size=f"{h}x{w}", sample=False,
-                   scale="auto", scale_frames=512, batch_frames=16, dtype="float16", device="cpu")
+                   scale="auto", scale_frames=512, batch_frames=16, dtype="float16", device="cpu", overwrite=True)
         from drivesim.datasets.latent_cache import LatentCache
 
         cache = LatentCache(out)

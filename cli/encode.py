@@ -36,6 +36,7 @@ def encode_cmd(
     batch_frames: int = typer.Option(16, "--batch-frames", help="Frames encoded per forward pass."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored latent dtype: float16 or float32."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
     """Encode every train/val clip of DATA with the autoencoder AE into the latent cache OUT.
 
@@ -43,6 +44,7 @@ def encode_cmd(
     another autoencoder is refused by readers, and the autoencoder's scale factor.
     """
     import torch
+    from drivesim.cli.outputs import check_output
     from drivesim.datasets.latent_cache import encoder_id, write_cache
 
     from drivesim.autoencoder import AutoencoderKL, compute_scale_factor
@@ -54,6 +56,7 @@ def encode_cmd(
     if batch_frames < 1:
         raise ConfigError(f"--batch-frames: must be >= 1, got {batch_frames}")
     hw = _parse_size(size)
+    check_output(out, {"--data": data, "--ae": ae}, overwrite)
     model = load_model(ae, device=device)
     if not isinstance(model, AutoencoderKL):
         raise ConfigError(f"{ae}: --ae: holds a {type(model).__name__}, not an autoencoder")

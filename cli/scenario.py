@@ -48,6 +48,7 @@ def from_clip(
     extend_mode: str | None = typer.Option(None, "--extend", help="loop: replay the clip; chain: the clip, then "
                                                                  "the dataset's next clips in manifest order "
                                                                  "(cycling)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
     """Take the scenario (day/night, crowdedness, box tracks) of a real or generated clip; optionally resample it
     and extend it to several minutes."""
@@ -63,6 +64,10 @@ def from_clip(
         raise ConfigError(f"--extend: expected one of {', '.join(sc.EXTEND_MODES)}, got {extend_mode!r}")
     if minutes is not None and not minutes > 0:
         raise ConfigError(f"--minutes: must be positive, got {minutes}")
+    from drivesim.cli.outputs import check_output
+
+    src = Path(source) if Path(source).exists() else Path(source.rpartition(":")[0] or source)
+    check_output(out, {"SOURCE": src}, overwrite)
     annotations, chosen = _resolve_clips(source)
     order = annotations[chosen:] + annotations[:chosen]
     scenarios = [sc.Scenario.from_clip(a) for a in (order if extend_mode == "chain" else order[:1])]

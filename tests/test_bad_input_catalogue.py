@@ -239,6 +239,16 @@ CASES: list[Case] = [
                                                                        f"{tmp / 'ds'}:clip_0000", "--out",
                                                                        str(tmp / "afile" / "s.json")][1:],
          r"afile", r"Not a directory|File exists"),
+    # commands wrote over their own inputs and exited 0
+    Case("encode over its own manifest", lambda tmp: ["encode", "--ae", str(tmp / "nope"), "--data", str(tmp / "ds"),
+                                                      "--out", str(tmp / "ds" / "manifest.json")],
+         r"manifest\.json", r"--out: would write over the input given as --data"),
+    Case("scenario from-clip over its own annotation", lambda tmp: [
+        "scenario", "from-clip", str(tmp / "ds" / "clip_0000.json"), "--out", str(tmp / "ds" / "clip_0000.json")],
+         r"clip_0000\.json", r"--out: would write over the input given as SOURCE"),
+    Case("scenario from-clip over an existing file", lambda tmp: [
+        "scenario", "from-clip", f"{tmp / 'ds'}:clip_0000", "--out", str(tmp / "scn.json")],
+         r"scn\.json", r"--out: already exists; pass --overwrite"),
     Case("box without track id", clip_case(ann_edit(lambda d: d["frames"][1]["boxes"][0].pop("track_id"))),
          r"clip_0000\.json", r"frames\[1\]\.boxes\[0\]\.track_id: missing"),
     Case("annotation field missing", clip_case(ann_edit(lambda d: d.pop("night"))), r"clip_0000\.json",

@@ -129,7 +129,7 @@ def test_cli_from_clip_validate_info(ds, tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["scenario", "from-clip", f"{ds}:clip_0001", "--out", str(out)]) == 0
     assert sc.load_scenario(out).frames == read_annotation(ds / "clip_0001.json").frames
-    assert main(["scenario", "from-clip", str(ds / "clip_0002.json"), "--out", str(out)]) == 0
+    assert main(["scenario", "from-clip", str(ds / "clip_0002.json"), "--out", str(out), "--overwrite"]) == 0
     assert sc.load_scenario(out).frames == read_annotation(ds / "clip_0002.json").frames
     capsys.readouterr()
     assert main(["scenario", "validate", str(out)]) == 0
@@ -150,7 +150,7 @@ def test_cli_from_clip_minutes_loop_and_chain(ds, tmp_path):
     assert s.frames[0][0].x1 == first.frames[0][0].x1
     # clips 0 and 2 are day (synthetic night = clip index % 2): chain uses them and skips the night clip
     assert main(["scenario", "from-clip", str(ds), "--out", str(out), "--minutes", "0.05", "--extend",
-                 "chain"]) == 0
+                 "chain", "--overwrite"]) == 0
     s = sc.load_scenario(out)
     c2 = read_annotation(ds / "clip_0002.json")
     assert s.num_frames == 30 and s.night == 0
