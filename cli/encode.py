@@ -24,7 +24,8 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 def encode_cmd(
     ae: Path = typer.Option(..., "--ae", help="Autoencoder checkpoint: exported model folder or a training run."),
     data: Path = typer.Option(..., "--data", help="Clip-format dataset folder (with manifest.json)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The .h5 latent cache to write (replaced atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .h5 latent cache to write (atomically; an "
+                                                      "existing file only with --overwrite)."),
     size: str = typer.Option(None, "--size", help="Resize frames to HEIGHTxWIDTH before encoding (default: "
                              "the video size)."),
     sample: bool = typer.Option(False, "--sample/--mean", help="Store one posterior sample instead of the "
