@@ -402,3 +402,17 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_still_loads(tmp_pa
             break
     assert path.read_bytes()[0] == 0x80
     assert read_tensors(path)["w"].sum().item() == 2.0
+
+
+def test_rerunning_a_finished_run_keeps_its_exports(tmp_path):
+    # re-running a finished `drivesim train autoencoder` re-exported model/ and reset the scale factor that
+    # `drivesim encode` had written into it
+    out = tmp_path / "run"
+    train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2), out, progress=False)
+    cfg_path = out / "model" / "config.json"
+    edited = json.loads(cfg_path.read_text())
+    edited["note"] = "written by a later step"
+    cfg_path.write_text(json.dumps(edited))
+    res = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2), out, progress=False)
+    assert res.step == 2 and res.start_step == 2 and res.export_dir == out / "model"
+    assert json.loads(cfg_path.read_text())["note"] == "written by a later step"

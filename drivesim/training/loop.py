@@ -362,7 +362,17 @@ def train(
         last_saved = save(step)
 
     export_dir = ema_export_dir = None
-    if export:
+    finished_before = latest is not None and start_step >= cfg.max_steps
+    if export and finished_before and (out_dir / "model" / ckpt.CONFIG_NAME).is_file():
+        # a finished run run again is a no-op: its exports stay as they are (a later step may have written into
+        # them: `drivesim encode` records the autoencoder's scale factor in model/config.json)
+        export_dir = out_dir / "model"
+        if ema is not None and (out_dir / "model-ema" / ckpt.CONFIG_NAME).is_file():
+            ema_export_dir = out_dir / "model-ema"
+        if console:
+            console.print(f"{out_dir}: already finished at step {start_step}; nothing to do (exports kept)",
+                          highlight=False)
+    elif export:
         unwrapped = accelerator.unwrap_model(wrapper).model
         full = accelerator.get_state_dict(unwrapped)
         if is_main:
