@@ -519,7 +519,8 @@ class Demo:
 
         card = model_card(shipped)
         export = install_checkpoint(shipped, self.s.out / "train" / "image_ldm" / "model")
-        if to_dict(load_model(export, "image_ldm").config) != to_dict(self.preset.image_ldm):
+        if to_dict(dataclasses.replace(load_model(export, "image_ldm").config, encoder_id=None)) != to_dict(
+                self.preset.image_ldm):
             raise ConfigError(f"{shipped}: config: the shipped image LDM does not match preset "
                               f"{self.s.preset_name}'s image_ldm block; use --from-scratch")
         self.console.print(f"image LDM: the pretrained {shipped.name} ({card.get('steps')} steps; "

@@ -177,7 +177,19 @@ def build_image_ldm(preset, data_path, frames: str = "1"):
     except ValueError:
         raise ConfigError(f"--opt: frames: expected a positive integer, got {frames!r}") from None
     dataset = LatentClipDataset(data_path, split="train", num_frames=num_frames, frame_stride=1)
-    return ImageLDM(preset.image_ldm), dataset, _tensor_collate
+    cfg = dataclasses.replace(preset.image_ldm, encoder_id=_cache_encoder_id(data_path))
+    return ImageLDM(cfg), dataset, _tensor_collate
+
+
+def _cache_encoder_id(data_path) -> str:
+    """The encoder identity a latent cache was written with (recorded into the models trained on it)."""
+    from drivesim.datasets.latent_cache import LatentCache
+
+    cache = LatentCache(data_path)
+    try:
+        return cache.encoder_id
+    finally:
+        cache.close()
 
 
 # ---- prediction / interpolation (issue 6) ---------------------------------------------------------------------
@@ -211,7 +223,12 @@ def _video_ldm_from_image(cls, config, image_ldm: str | None, stage: str):
     if not image_ldm:
         raise ConfigError(f"--opt: image_ldm: required for the {stage} stage (the trained image LDM, e.g. "
                           f"--opt image_ldm=runs/ldm/model-ema)")
-    return cls.from_image_ldm(load_model(image_ldm, "image_ldm"), config)
+    image = load_model(image_ldm, "image_ldm")
+    if image.config.encoder_id is not None and config.encoder_id is not None and \
+            image.config.encoder_id != config.encoder_id:
+        raise ConfigError(f"{image_ldm}: encoder_id: the image LDM was trained on latents of another autoencoder "
+                          f"than the cache's ({image.config.encoder_id[:12]}... vs {config.encoder_id[:12]}...)")
+    return cls.from_image_ldm(image, config)
 
 
 @register_stage("prediction", help="Key-frame prediction video LDM (temporal layers on the frozen image LDM; "
@@ -224,7 +241,8 @@ def build_prediction(preset, data_path, image_ldm: str | None = None):
 
     from drivesim.models.video_ldm import PredictionLDM
 
-    cfg = dataclasses.replace(preset.prediction, data_fps=_cache_fps(data_path))
+    cfg = dataclasses.replace(preset.prediction, data_fps=_cache_fps(data_path),
+                              encoder_id=_cache_encoder_id(data_path))
     model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
     dataset = LatentClipDataset(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate
@@ -239,7 +257,8 @@ def build_interpolation(preset, data_path, image_ldm: str | None = None):
 
     from drivesim.models.video_ldm import InterpolationLDM
 
-    cfg = dataclasses.replace(preset.interpolation, data_fps=_cache_fps(data_path))
+    cfg = dataclasses.replace(preset.interpolation, data_fps=_cache_fps(data_path),
+                              encoder_id=_cache_encoder_id(data_path))
     model = _video_ldm_from_image(InterpolationLDM, cfg, image_ldm, "interpolation")
     dataset = InterpolationWindows(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate

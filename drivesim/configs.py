@@ -165,6 +165,9 @@ class DiffusionConfig:
 class ImageLDMConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # identity of the autoencoder whose latents trained the model (`latent_cache.encoder_id`, recorded by the
+    # training stage from the cache); a stack whose autoencoder has another identity is refused. None: not recorded
+    encoder_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,8 @@ class VideoLDMConfig:
     # checkpoints from before it was recorded). With frame_stride it fixes the model's timeline: a rollout's output
     # fps is data_fps / interpolation.frame_stride
     data_fps: float | None = None
+    # identity of the autoencoder whose latents trained the model (as ImageLDMConfig.encoder_id)
+    encoder_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -180,11 +180,25 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _check_encoder(models: dict[str, nn.Module], name: str, folder: Path) -> None:
+    """Refuse a latent model trained on another autoencoder's latents than the stack's autoencoder produces."""
+    recorded = getattr(models[name].config, "encoder_id", None) if name != "autoencoder" else None
+    if recorded is None or "autoencoder" not in models:
+        return
+    from drivesim.datasets.latent_cache import encoder_id
+
+    ae_id = encoder_id(*models["autoencoder"].encoder_fingerprint())
+    if recorded != ae_id:
+        raise CheckpointError(f"{folder}: encoder_id: {name} was trained on latents of another autoencoder than "
+                              f"{folder.parent / 'autoencoder'} ({recorded[:12]}... vs {ae_id[:12]}...)")
+
+
 def load_models(ckpt_dir: str | Path, upsample: bool = False, device: str | torch.device = "cpu") -> RolloutModels:
     """Load D/autoencoder, D/image_ldm, D/prediction, D/interpolation (+ D/upsampler when `upsample`).
 
     Raises:
-        CheckpointError: a folder is missing or holds another model class (message names the folder).
+        CheckpointError: a folder is missing or holds another model class, or a latent model was trained on
+            another autoencoder's latents (its recorded `encoder_id`) (message names the folder).
     """
     from drivesim.training.checkpoint import latest_checkpoint, load_model
 
@@ -210,6 +224,7 @@ def load_models(ckpt_dir: str | Path, upsample: bool = False, device: str | torc
                     raise
         models[name] = model
         real = folder if (folder / "config.json").is_file() else latest_checkpoint(folder / "checkpoints") or folder
+        _check_encoder(models, name, folder)
         h.update(name.encode())
         h.update(_fingerprint(real).encode())
     return RolloutModels(fingerprint=h.hexdigest(), **models)

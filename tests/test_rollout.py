@@ -338,3 +338,26 @@ def test_kill_between_the_two_state_writes_still_resumes(stack, tmp_path, monkey
     assert summary["complete"] and summary["resumed_from"] == 1
     np.testing.assert_array_equal(_latents(out), _latents(tmp_path / "straight"))
     assert len(list(out.glob("state*.safetensors"))) == 1  # the orphan of the killed write is gone
+
+
+def test_a_stack_mixing_autoencoders_is_refused(tmp_path):
+    # latent models record the encoder identity of the cache they were trained on; a stack whose autoencoder
+    # produces other latents was rolled out silently
+    from drivesim.datasets.latent_cache import encoder_id
+
+    from drivesim.errors import CheckpointError
+    from drivesim.rollout import init_checkpoint_dir
+
+    ckpt = init_checkpoint_dir(tmp_path / "ckpt", "tiny", seed=0, upsampler=False)
+    ae_id = encoder_id(*load_models(ckpt).autoencoder.encoder_fingerprint())
+    for name in ("image_ldm", "prediction", "interpolation"):
+        cfg_path = ckpt / name / "config.json"
+        data = json.loads(cfg_path.read_text())
+        data["config"]["encoder_id"] = ae_id
+        cfg_path.write_text(json.dumps(data))
+    load_models(ckpt)  # the stack's own autoencoder: accepted
+    data = json.loads((ckpt / "prediction" / "config.json").read_text())
+    data["config"]["encoder_id"] = "0" * 64
+    (ckpt / "prediction" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="prediction: encoder_id: prediction was trained on latents of another"):
+        load_models(ckpt)
