@@ -19,8 +19,6 @@ latents no longer match what the decoder expects.
 from __future__ import annotations
 
 import getpass
-import hashlib
-import json
 import os
 import platform
 from collections import OrderedDict
@@ -37,21 +35,13 @@ from drivesim.datasets.torch_data import enumerate_windows
 from drivesim.datasets.transforms import frames_to_tensor, resize_frames
 from torch.utils.data import Dataset
 
+from drivesim.autoencoder.model import encoder_id as _encoder_id
 from drivesim.errors import DataError
+
+encoder_id = _encoder_id  # the cache's identity check (defined in the core, which latent models use too)
 
 FORMAT = "drivesim-latent-cache"
 FORMAT_VERSION = 1
-
-
-def encoder_id(config: dict[str, Any], weights_digest: str) -> str:
-    """Identity of an encoder: sha256 hex of its canonical config JSON (sorted keys) + its weights digest.
-
-    Args:
-        config: the autoencoder's config as a plain dict (e.g. `drivesim.configs.to_dict(ae.config)`).
-        weights_digest: a digest of its weights (e.g. the sha256 of model.safetensors).
-    """
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n" + weights_digest
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class LatentCacheWriter:

@@ -185,7 +185,7 @@ def _check_encoder(models: dict[str, nn.Module], name: str, folder: Path) -> Non
     recorded = getattr(models[name].config, "encoder_id", None) if name != "autoencoder" else None
     if recorded is None or "autoencoder" not in models:
         return
-    from drivesim.datasets.latent_cache import encoder_id
+    from drivesim.autoencoder.model import encoder_id
 
     ae_id = encoder_id(*models["autoencoder"].encoder_fingerprint())
     if recorded != ae_id:

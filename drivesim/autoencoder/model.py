@@ -53,6 +53,21 @@ DOWNSAMPLE_FACTOR = 8
 _VALUE_TOL = 1e-5  # float slack for inputs computed as x / 127.5 - 1
 
 
+def encoder_id(config: dict[str, Any], weights_digest: str) -> str:
+    """Identity of an encoder: sha256 hex of its canonical config JSON (sorted keys) + its weights digest (what a
+    latent cache records and the latent models trained on it carry as `encoder_id`).
+
+    Args:
+        config: the autoencoder's config as a plain dict (e.g. the fields of `AutoencoderKL.encoder_fingerprint`).
+        weights_digest: a digest of its weights (e.g. the sha256 of model.safetensors).
+    """
+    import hashlib
+    import json
+
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n" + weights_digest
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def check_frames(frames: torch.Tensor, in_channels: int = 3, name: str = "frames") -> None:
     """Validate a video batch for the autoencoder.
 
