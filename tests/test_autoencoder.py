@@ -87,7 +87,9 @@ def test_scale_factor_from_data_and_scaled_round_trip():
     scaled = torch.cat([model.encode_scaled(b, sample=False).flatten() for b in batches])
     assert scaled.std().item() == pytest.approx(1.0, rel=1e-4)
     z = model.encode_scaled(batches[0], sample=False)
-    torch.testing.assert_close(model.decode_scaled(z), model.decode(model.encode(batches[0]).mode()))
+    # (mean * s) / s is the mean up to one rounding, which the decoder may amplify: 1.4e-5 seen with AVX2 kernels
+    torch.testing.assert_close(model.decode_scaled(z), model.decode(model.encode(batches[0]).mode()), atol=1e-4,
+                               rtol=1e-4)
     with pytest.raises(ConfigError):
         model.set_scale_factor(0.0)
     with pytest.raises(DataError):
