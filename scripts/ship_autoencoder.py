@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def main() -> None:
         "name": args.out.name,
         "model_class": "autoencoder_kl",
         "command": args.train_command,
-        "ship_command": "python " + " ".join(sys.argv),
+        "ship_command": shlex.join(["python", *sys.argv]),
         "detector_command": args.detector_command,
         "data": str(args.data), "data_split": "train (48 clips, 1536 frames)",
         "weights": f"{src.name} of the run, cast to float16",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main() -> None:
     steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
     card = {
         "name": args.out.name, "model_class": "box_detector",
-        "command": args.train_command, "ship_command": "python " + " ".join(sys.argv),
+        "command": args.train_command, "ship_command": shlex.join(["python", *sys.argv]),
         "data": str(args.data), "data_split": "train",
         "data_manifest_sha256": hashlib.sha256((args.data / "manifest.json").read_bytes()).hexdigest(),
         "steps": steps["step"], "seed": 0, "weights": "model/ of the run (no EMA), cast to float16",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def main() -> None:
     card = {
         "name": args.out.name, "model_class": "image_ldm",
         "command": args.train_command, "encode_command": args.encode_command,
-        "ship_command": "python " + " ".join(sys.argv),
+        "ship_command": shlex.join(["python", *sys.argv]),
         "data": "data/sample (train split latents)", "autoencoder": str(args.ae),
         "autoencoder_sha256": weights_sha256(args.ae),
         "steps": steps["step"], "batch_size": tc.batch_size, "lr": tc.lr, "lr_schedule": tc.lr_schedule,
