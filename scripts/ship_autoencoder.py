@@ -47,12 +47,12 @@ def main() -> None:
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)
 
-    measured = args.out.parent / f".{args.out.name}-box_fidelity.json"
+    measured = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "box_fidelity_autoencoder.json"
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "box_fidelity.py"),
                     "--data", str(args.data), "--detector", str(args.detector), "--ae", str(args.out), "--every", "1",
-                    "--out", str(measured)], check=True)
+                    "--out", str(measured), "--strip", str(measured.parents[2] / "docs" / "measurements" /
+                                                           "autoencoder_reconstructions.png")], check=True)
     result = json.loads(measured.read_text())
-    measured.unlink()
     train_state = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
                              .read_text())
     train_cfg = load_yaml(Preset, args.run / "config-autoencoder.yaml").train["autoencoder"]
