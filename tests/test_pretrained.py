@@ -111,3 +111,24 @@ def test_demo_installs_shipped_checkpoints_and_from_scratch_trains(tmp_path, mon
     assert scratch.pretrained_autoencoder() is None and scratch.pretrained_image_ldm() is None
     (root / "ldm" / CARD_NAME).write_text(json.dumps({**card, "autoencoder_sha256": "0" * 64}))
     assert demo().pretrained_image_ldm() is None
+
+
+def test_cpu_small_image_ldm_is_shipped_and_tied_to_its_autoencoder():
+    import dataclasses
+
+    from drivesim.autoencoder.model import encoder_id
+    from drivesim.configs import to_dict
+    from drivesim.pretrained import weights_sha256
+
+    folder = shipped_checkpoint("image_ldm", "cpu-small")
+    assert folder is not None, "drivesim/pretrained/image-ldm-cpu-small is missing"
+    card = model_card(folder)
+    for key in ("command", "encode_command", "steps", "autoencoder_sha256", "ap50"):
+        assert key in card, key
+    ae_folder = shipped_checkpoint("autoencoder", "cpu-small")
+    assert card["autoencoder_sha256"] == weights_sha256(ae_folder)
+    assert (folder / "model.safetensors").stat().st_size < 15 * 2 ** 20
+    ldm = load_model(folder, "image_ldm")
+    # trained on the shipped autoencoder's latents (the rollout checks this identity) and the preset's network
+    assert ldm.config.encoder_id == encoder_id(*load_model(ae_folder).encoder_fingerprint())
+    assert to_dict(dataclasses.replace(ldm.config, encoder_id=None)) == to_dict(get_preset("cpu-small").image_ldm)
