@@ -29,7 +29,7 @@ temporal layers that return `h` itself when alpha = 1) the forward pass is the i
 
 Presets (`drivesim.configs`): tiny (16 channels, tests), cpu-small (64 channels, 128x256 frames on 2 CPU cores),
 paper-512x1024 (320 channels, mult (1, 2, 4, 4), 2 res blocks, attention at ds 1/2/4, 768-d box tokens):
-828,031,972 parameters (measured with `count_parameters`, box tokenizer and gated attention included).
+829,557,988 parameters (measured with `count_parameters`; box tokenizer, gated attention, layout encoder included).
 """
 
 from __future__ import annotations
