@@ -459,23 +459,26 @@ class Demo:
         shipped = self.pretrained_autoencoder()
         if shipped is None:
             return self._train("autoencoder", self.s.data)
+        return self._install_shipped("autoencoder", shipped, to_dict_cfg, self.preset.autoencoder,
+                                     "--train-autoencoder")
+
+    def _install_shipped(self, name: str, shipped: Path, as_dict, preset_block, flag: str) -> dict:
+        """Install a shipped checkpoint as stage `name`'s export (a copy under OUT/train/NAME/model), after checking
+        that `as_dict` of its config equals that of the preset's block; the stage record names it and its card."""
         from drivesim.pretrained import install_checkpoint, model_card, weights_sha256
         from drivesim.training.checkpoint import load_model
 
         card = model_card(shipped)
-        export = install_checkpoint(shipped, self.s.out / "train" / "autoencoder" / "model")
-        h, w = self.preset.resolution
-        ae = load_model(export)
-        if to_dict_cfg(ae.config) != to_dict_cfg(self.preset.autoencoder):
-            raise ConfigError(f"{shipped}: config: the shipped autoencoder does not match preset "
-                              f"{self.s.preset_name}'s autoencoder block; use --train-autoencoder")
-        self.console.print(f"autoencoder: the pretrained {shipped.name} ({card.get('steps')} steps; "
-                           f"{card.get('summary', '')}) -> {export}  (--train-autoencoder trains one instead)",
-                           highlight=False)
+        export = install_checkpoint(shipped, self.s.out / "train" / name / "model")
+        if as_dict(load_model(export).config) != as_dict(preset_block):
+            raise ConfigError(f"{shipped}: config: the shipped {name} does not match preset {self.s.preset_name}'s "
+                              f"{name} block; use {flag}")
+        self.console.print(f"{name}: the pretrained {shipped.name} ({card.get('steps')} steps; "
+                           f"{card.get('summary', '')}) -> {export}  ({flag} trains one instead)", highlight=False)
         return {"export": str(export), "weights": "pretrained", "pretrained": str(shipped),
                 "sha256": weights_sha256(shipped), "steps": card.get("steps"), "stop_reason": "shipped",
                 "batch_size": card.get("batch_size"), "max_steps": card.get("steps"), "budget_minutes": None,
-                "final_loss": card.get("final_loss"), "steps_per_s": None, "resolution": [h, w]}
+                "final_loss": card.get("final_loss"), "steps_per_s": None}
 
     def _run_encode(self, resume: bool) -> dict:
         from drivesim.cli.encode import encode_cmd
@@ -514,22 +517,11 @@ class Demo:
         if shipped is None:
             return self._train("image_ldm", self.s.out / "latents.h5")
         from drivesim.configs import to_dict
-        from drivesim.pretrained import install_checkpoint, model_card, weights_sha256
-        from drivesim.training.checkpoint import load_model
 
-        card = model_card(shipped)
-        export = install_checkpoint(shipped, self.s.out / "train" / "image_ldm" / "model")
-        if to_dict(dataclasses.replace(load_model(export, "image_ldm").config, encoder_id=None)) != to_dict(
-                self.preset.image_ldm):
-            raise ConfigError(f"{shipped}: config: the shipped image LDM does not match preset "
-                              f"{self.s.preset_name}'s image_ldm block; use --from-scratch")
-        self.console.print(f"image LDM: the pretrained {shipped.name} ({card.get('steps')} steps; "
-                           f"{card.get('summary', '')}) -> {export}  (--from-scratch trains one instead)",
-                           highlight=False)
-        return {"export": str(export), "weights": "pretrained", "pretrained": str(shipped),
-                "sha256": weights_sha256(shipped), "steps": card.get("steps"), "stop_reason": "shipped",
-                "batch_size": card.get("batch_size"), "max_steps": card.get("steps"), "budget_minutes": None,
-                "final_loss": card.get("final_loss"), "steps_per_s": None}
+        def as_dict(cfg):  # the encoder identity is recorded by training, not part of the preset
+            return to_dict(dataclasses.replace(cfg, encoder_id=None))
+
+        return self._install_shipped("image_ldm", shipped, as_dict, self.preset.image_ldm, "--from-scratch")
 
     def _run_prediction(self, resume: bool) -> dict:
         return self._train("prediction", self.s.out / "latents.h5", image_ldm=str(self._export("image_ldm")))
