@@ -25,6 +25,11 @@ Resume is the default: the same command again continues from the newest
 complete checkpoint in OUT/checkpoints (bit-exact on CPU). --no-resume
 refuses an OUT that already holds checkpoints.
 
+Fine-tune from another run's (or a shipped) weights, fresh optimizer:
+
+  drivesim train image_ldm --preset cpu-small --data runs/latents.h5 \
+      --out runs/ldm_ft --init-from drivesim/pretrained/image-ldm-cpu-small
+
 Many GPUs / nodes (DDP). --batch-size is per process; one optimizer step
 sees batch_size x processes x grad_accum_steps samples:
 
@@ -76,6 +81,8 @@ def train_cmd(
     batch_size: int = typer.Option(None, "--batch-size", help="Override train.batch_size (per process)."),
     mixed_precision: str = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16 (fp16 needs a GPU)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's latest checkpoint."),
+    init_from: Path = typer.Option(None, "--init-from", help="Fine-tune: a fresh run starts from the weights of this "
+                                   "exported checkpoint (model/, model-ema/ or a shipped one), fresh optimizer."),
     config: Path = typer.Option(None, "--config", help="Full preset YAML (from `drivesim config show P --yaml`)."),
     sets: list[str] = typer.Option([], "--set", help="key=value override, repeatable (train.lr=2e-4)."),
     opts: list[str] = typer.Option([], "--opt", help="Stage-specific option key=value, repeatable."),
@@ -89,8 +96,10 @@ def train_cmd(
 
     spec = get_stage(stage)
     cfg = resolve_preset(stage, preset, config, sets)
+    if init_from is not None and not (init_from / "config.json").is_file():
+        raise ConfigError(f"{init_from}: --init-from: no exported checkpoint here (config.json missing)")
     flags = {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
-             "mixed_precision": mixed_precision}
+             "mixed_precision": mixed_precision, "init_from": str(init_from) if init_from is not None else None}
     tc: TrainConfig = dataclasses.replace(cfg.train[stage], **{k: v for k, v in flags.items() if v is not None})
     validate_train_config(tc)
     cfg = dataclasses.replace(cfg, train={**cfg.train, stage: tc})

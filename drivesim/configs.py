@@ -238,6 +238,9 @@ class TrainConfig:
     num_workers: int = 0
     tracker: str | None = "tensorboard"  # tensorboard | None (logs under out_dir/logs)
     keep_checkpoints: int = 3  # newest complete training checkpoints kept; 0 keeps all
+    # fine-tuning: a fresh run starts from these weights (an exported or shipped checkpoint folder of the same
+    # model class and shapes) instead of the seeded initialisation; the optimizer and schedule start fresh
+    init_from: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------

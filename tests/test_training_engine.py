@@ -416,3 +416,28 @@ def test_rerunning_a_finished_run_keeps_its_exports(tmp_path):
     res = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2), out, progress=False)
     assert res.step == 2 and res.start_step == 2 and res.export_dir == out / "model"
     assert json.loads(cfg_path.read_text())["note"] == "written by a later step"
+
+
+def test_init_from_starts_a_fresh_run_from_exported_weights(tmp_path):
+    src = _toy_model()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)  # weights no seeded initialisation gives
+    ckpt.save_model(src, tmp_path / "src", {k: v.half() for k, v in src.state_dict().items()})  # fp16, as shipped
+    result = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=0, init_from=str(tmp_path / "src")),
+                   tmp_path / "ft", progress=False)
+    got = drivesim.load(result.export_dir).state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(got[k], v.half().float()), k
+    # a resumed run keeps its own weights: init_from only seeds a fresh run
+    train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2, init_from=str(tmp_path / "src")),
+          tmp_path / "ft2", progress=False)
+    step2 = ckpt.load_model(tmp_path / "ft2")
+    resumed = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2, init_from=str(tmp_path / "src")),
+                    tmp_path / "ft2", progress=False)
+    assert resumed.start_step == 2
+    assert torch.equal(ckpt.load_model(tmp_path / "ft2").net[0].weight, step2.net[0].weight)
+    _one_line_error(CheckpointError, lambda: train(_toy_model(hidden=16), toy.ToyDataset(32),
+                                                   _quick_cfg(max_steps=1, init_from=str(tmp_path / "src")),
+                                                   tmp_path / "bad", progress=False),
+                    "model.safetensors", "shape")

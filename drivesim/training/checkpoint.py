@@ -295,6 +295,26 @@ def load_model(path: str | Path, expected_class: str | type | None = None, *, em
     return model.to(device).eval()
 
 
+def init_weights(model: nn.Module, path: str | Path) -> Path:
+    """Copy the weights of the exported checkpoint at `path` into `model` (fine-tuning from another run).
+
+    Only the class and the tensor names and shapes must agree: config fields that shape no tensor (loss weights,
+    dropout, sampling steps) may differ. Half-precision weights (shipped fp16 checkpoints) are cast to the model's
+    dtype. Returns the weights file read.
+
+    Raises:
+        CheckpointError: no config.json/weights at `path`, another model class, or tensors that do not fit.
+    """
+    folder = Path(path)
+    meta, cfg_path = read_header(folder)
+    _check_class(meta, cfg_path, model_class_name(model))
+    weights = folder / MODEL_NAME
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in read_tensors(weights).items()}
+    load_state_into(model, state, weights)
+    return weights
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training checkpoints
 # ----------------------------------------------------------------------------------------------------------------

@@ -177,7 +177,8 @@ def train(
         model: a registered drivesim model (`drivesim.registry.register_model`) with `.config` and
             `loss(batch) -> (scalar loss tensor, dict[str, float])`; optional `param_groups(cfg)` and
             `find_unused_parameters = True` (DDP, for models with conditionally unused parameters).
-            Weights are whatever the caller initialised (seed before building for reproducible runs).
+            Weights are whatever the caller initialised (seed before building for reproducible runs), or, for
+            a fresh run with `cfg.init_from`, those of that exported checkpoint (fine-tuning).
         dataset: map-style dataset; batches are `collate_fn(list of samples)` (torch default collate if None),
             moved to the device with `accelerate.utils.send_to_device`.
         cfg: the training config (per-process batch size, see module docstring).
@@ -192,7 +193,8 @@ def train(
 
     Raises:
         ConfigError: invalid training config, or resume=False on a folder with checkpoints.
-        CheckpointError: the checkpoint to resume from is unreadable or belongs to another model/config.
+        CheckpointError: the checkpoint to resume from (or `cfg.init_from`) is unreadable or belongs to another
+            model/config.
         DataError: the dataset is smaller than one global batch.
         NonFiniteLossError: `cfg.max_bad_steps` consecutive steps had a non-finite loss or gradient; the last
             good checkpoint is left as the latest.
@@ -212,6 +214,10 @@ def train(
     # per-process RNG streams (dropout, diffusion noise); data order has its own seeded stream
     _seed_all(cfg.seed + rank)
 
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    if latest is None and cfg.init_from:
+        # before the EMA copies the weights; a resumed run already holds the fine-tuned weights
+        ckpt.init_weights(model, cfg.init_from)
     groups, group_names = build_param_groups(model, cfg)
     trainable = [p for g in groups for p in g["params"]]
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -222,7 +228,6 @@ def train(
 
     state = {"step": 0, "epoch": 0, "position": 0, "bad_steps_total": 0}
     rng_to_restore = None
-    latest = ckpt.latest_checkpoint(ckpt_root)
     if latest is not None and not resume:
         # training from scratch here would interleave two runs' step_* folders and break `latest` resolution
         raise ConfigError(f"{out_dir}: resume=False but the folder already holds checkpoints ({latest.name}); "
