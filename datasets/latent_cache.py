@@ -11,7 +11,8 @@ File layout (h5py)::
         boxes              (T, n, 4) float32 normalised xyxy      classes    (T, n) int64
         box_mask           (T, n) bool                            track_ids  (T, n) int64, -1 padding
 
-A cache is written to a temp file next to `path` and renamed on close, so a crash leaves no half cache. A reader
+A cache is written to a temp file next to `path` and renamed on close, so a crash leaves no half cache; a failed
+write (full or read-only disk, I/O error) removes the temp file and raises one `WriteError` naming `path`. A reader
 given `expected_encoder_id` refuses a cache written by another encoder (config or weights changed), since its
 latents no longer match what the decoder expects.
 """
@@ -36,12 +37,74 @@ from drivesim.datasets.transforms import frames_to_tensor, resize_frames
 from torch.utils.data import Dataset
 
 from drivesim.autoencoder.model import encoder_id as _encoder_id
-from drivesim.errors import DataError
+from drivesim.errors import DataError, WriteError
 
 encoder_id = _encoder_id  # the cache's identity check (defined in the core, which latent models use too)
 
 FORMAT = "drivesim-latent-cache"
 FORMAT_VERSION = 1
+
+
+class _GuardedFile:
+    """The cache's temp file as h5py's `fileobj` driver sees it (seek, tell, read, write, truncate, flush).
+
+    HDF5 does not survive a failed write: h5py then prints an error for every object it releases and HDF5 2.0
+    segfaults when the file is closed (`drivesim encode` on a full disk: thousands of lines, exit 139). So the
+    first OSError of a write, truncate or flush is kept in `error` and never reaches HDF5; later writes go to
+    memory (reads see them), HDF5 finishes normally, and the writer raises and deletes the file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pos, self.size = fd, 0, 0
+        self.error: OSError | None = None
+        self._overlay: list[tuple[int, bytes]] = []  # writes after the failure, in order
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = self.size if whence == os.SEEK_END else pos if whence == os.SEEK_SET else self.pos + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int) -> bytes:
+        n = max(0, min(n, self.size - self.pos))
+        buf = bytearray(n)
+        if self.error is None or n:
+            data = os.pread(self.fd, n, self.pos) if n else b""
+            buf[: len(data)] = data
+        for off, data in self._overlay:
+            lo, hi = max(off, self.pos), min(off + len(data), self.pos + n)
+            if lo < hi:
+                buf[lo - self.pos:hi - self.pos] = data[lo - off:hi - off]
+        self.pos += n
+        return bytes(buf)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], self.pos + done)
+            except OSError as e:
+                self.error = e
+        if self.error is not None:
+            self._overlay.append((self.pos, bytes(view)))
+        self.pos += len(view)
+        self.size = max(self.size, self.pos)
+        return len(view)
+
+    def truncate(self, size: int) -> int:
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                self.error = e
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        pass  # nothing is buffered here; `LatentCacheWriter.close` fsyncs once at the end
 
 
 class LatentCacheWriter:
@@ -55,6 +118,10 @@ class LatentCacheWriter:
         dtype: "float16" or "float32" for latents.
         created_by: free text recorded in the root attrs (default: user@host drivesim).
         dataset: source dataset folder recorded in the root attrs.
+
+    Raises:
+        WriteError: (here, from `add_clip` or `close`) the temp file cannot be created or written (full or
+            read-only disk, I/O error); the temp file is removed, `path` is untouched.
     """
 
     def __init__(self, path: str | Path, encoder_id: str, scale_factor: float = 1.0, max_boxes: int = 16,
@@ -62,21 +129,43 @@ class LatentCacheWriter:
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self.dtype = np.dtype(dtype)
         self.max_boxes = max_boxes
-        self.file = h5py.File(self.tmp, "w")
-        if created_by is None:
-            created_by = f"drivesim on {getpass.getuser()}@{platform.node()}"
-        self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "encoder_id": encoder_id,
-                                "scale_factor": float(scale_factor), "created_by": created_by, "dataset": dataset,
-                                "max_boxes": max_boxes})
-        self.clips = self.file.create_group("clips")
+        # HDF5 prints its error stack unless silenced, and h5py silences only the thread that imported it
+        getattr(h5py._errors, "silence_errors", lambda: None)()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise WriteError.from_os(self.path, e) from None
+        self._io = _GuardedFile(fd)
+        try:
+            self.file = h5py.File(self._io, "w")
+            if created_by is None:
+                created_by = f"drivesim on {getpass.getuser()}@{platform.node()}"
+            self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "encoder_id": encoder_id,
+                                    "scale_factor": float(scale_factor), "created_by": created_by,
+                                    "dataset": dataset, "max_boxes": max_boxes})
+            self.clips = self.file.create_group("clips")
+            self._check()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _check(self) -> None:
+        """Raise WriteError (after discarding the temp file) if a write of the temp file has failed."""
+        if self._io.error is not None:
+            err = self._io.error
+            self.abort()
+            raise WriteError.from_os(self.path, err)
 
     def add_clip(self, clip_id: str, latents: np.ndarray | torch.Tensor, packed: PackedBoxes, *, night: int,
                  crowdedness: int, fps: float, split: str, width: int, height: int) -> None:
-        """Store one clip. latents: (T, c, h, w) unscaled; packed: its boxes with T frames and max_boxes slots."""
+        """Store one clip. latents: (T, c, h, w) unscaled; packed: its boxes with T frames and max_boxes slots.
+
+        The clip is flushed to disk before returning, so a full disk is reported at the clip that filled it.
+        """
         if isinstance(latents, torch.Tensor):
             latents = latents.detach().float().cpu().numpy()
         latents = np.asarray(latents)
@@ -93,18 +182,34 @@ class LatentCacheWriter:
             g.create_dataset(name, data=arr)
         g.attrs.update({"night": int(night), "crowdedness": int(crowdedness), "fps": float(fps), "split": split,
                         "width": int(width), "height": int(height)})
+        self.file.flush()
+        self._check()
 
     def close(self) -> Path:
         """Flush and atomically move the finished cache to `path`."""
         self.file.close()
-        os.replace(self.tmp, self.path)
+        self._check()
+        try:
+            os.fsync(self._io.fd)
+            os.close(self._io.fd)
+            self._io.fd = -1
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise WriteError.from_os(self.path, e) from None
         return self.path
 
     def abort(self) -> None:
         """Discard everything written (the temp file is removed; `path` is untouched)."""
         try:
-            self.file.close()
+            if getattr(self, "file", None) is not None:
+                self.file.close()
+        except (OSError, RuntimeError):
+            pass  # the file is deleted below; what HDF5 could not finish does not matter
         finally:
+            if self._io.fd >= 0:
+                os.close(self._io.fd)
+                self._io.fd = -1
             self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> LatentCacheWriter:

@@ -26,3 +26,13 @@ class CheckpointError(DrivesimError):
 
 class WeightsError(DrivesimError):
     """Evaluator weights are absent, fail their sha256 check, or carry a disallowed payload."""
+
+
+class WriteError(DrivesimError):
+    """An output could not be written (a full or read-only disk, an I/O error). The message names the output;
+    the writer has removed its temp file, so nothing half-written is left behind."""
+
+    @classmethod
+    def from_os(cls, path: object, err: OSError) -> WriteError:
+        """`<path>: write: <reason>` from an OSError raised while writing `path`."""
+        return cls(f"{path}: write: {err.strerror or err}; nothing was written")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 import re
 import shutil
@@ -195,6 +196,30 @@ def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export_module, "write_image", write)
 
 
+def encode_cmd(tmp: Path) -> list[str]:
+    """`drivesim encode` of the dataset with a tiny (untrained) autoencoder `tmp/ae`."""
+    from drivesim.autoencoder import AutoencoderKL
+    from drivesim.configs import get_preset
+    from drivesim.training.checkpoint import save_model
+
+    save_model(AutoencoderKL(get_preset("tiny").autoencoder), tmp / "ae")
+    return ["encode", "--ae", str(tmp / "ae"), "--data", str(tmp / "ds"), "--out", str(tmp / "latents.h5"),
+            "--scale-factor", "keep"]
+
+
+def disk_full_hdf5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latent cache's writes (os.pwrite) fail with ENOSPC after the first 4 KiB."""
+    real, written = os.pwrite, {"n": 0}
+
+    def pwrite(fd, data, offset):
+        if written["n"] + len(data) > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["n"] += len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
 def write_file(name: str, text: str) -> Callable[[Path], Path]:
     def make(tmp: Path) -> Path:
         (tmp / name).write_text(text)
@@ -374,6 +399,9 @@ CASES: list[Case] = [
     # failing writes
     Case("disk full during export", lambda tmp: export(tmp), r"out\..*\.partial/images/clip_0000_000002\.png",
          "write: No space left on device", patch=disk_full),
+    # HDF5 segfaulted after thousands of error lines and left its temp file
+    Case("disk full during encode", encode_cmd, r"latents\.h5", "write: No space left on device; nothing was written",
+         patch=disk_full_hdf5),
 ]
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -64,3 +69,26 @@ def test_encode_bad_flags(setup, capsys):
     assert main(["encode", "--ae", str(root / "nope"), "--data", str(root / "data"), "--out",
                  str(root / "x.h5")]) == 1
     assert not (root / "x.h5").exists()
+
+
+def _file_size_limit(nbytes: int):
+    def limit() -> None:  # in the child: writes past `nbytes` fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return limit
+
+
+def test_encode_on_a_full_disk_is_one_line_and_leaves_nothing(setup, tmp_path):
+    # real failed writes inside HDF5 (a file-size limit, no root needed): this segfaulted (exit 139) after
+    # thousands of h5py error lines and left its temp file
+    out = tmp_path / "c.h5"
+    argv = [sys.executable, "-m", "drivesim.cli.main", "encode", "--ae", str(setup / "ae"), "--data",
+            str(setup / "data"), "--out", str(out), "--scale-factor", "keep", "--dtype", "float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300,
+                         preexec_fn=_file_size_limit(6000))
+    assert run.returncode == 1, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {out}: write: File too large; nothing was written"], run.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

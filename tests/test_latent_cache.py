@@ -1,4 +1,7 @@
-"""HDF5 latent cache: round trip with a stand-in encoder, stale and truncated caches, atomic writes."""
+"""HDF5 latent cache: round trip with a stand-in encoder, stale and truncated caches, atomic writes, full disks."""
+
+import errno
+import os
 
 import h5py
 import numpy as np
@@ -9,7 +12,7 @@ from drivesim.datasets.latent_cache import LatentCache, LatentCacheWriter, Laten
 from drivesim.datasets.torch_data import ClipDataset
 from einops import rearrange
 
-from drivesim.errors import DataError
+from drivesim.errors import DataError, WriteError
 
 MIX = torch.tensor([[0.5, 0.2, 0.1], [-0.3, 0.4, 0.2], [0.1, -0.1, 0.6], [0.25, 0.25, 0.25]])
 
@@ -107,6 +110,50 @@ def test_failed_write_leaves_no_cache(cached, tmp_path):
         w.add_clip("a", np.zeros((2, 4, 1, 1)), _packed(2), night=0, crowdedness=0, fps=1.0, split="val",
                    width=8, height=8)
     assert LatentCache(out).clip_ids("val") == ["a"]
+
+
+def _fail_writes_after(monkeypatch, nbytes: int, err: int = errno.ENOSPC) -> dict:
+    """os.pwrite (the cache writer's only write call) fails with `err` once `nbytes` have been written."""
+    real, count = os.pwrite, {"ok": 0, "bytes": 0}
+
+    def pwrite(fd, data, offset):
+        if count["bytes"] + len(data) > nbytes:
+            raise OSError(err, os.strerror(err))
+        count["ok"] += 1
+        count["bytes"] += len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return count
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.97])
+def test_full_disk_removes_the_temp_file_and_raises_one_line(cached, tmp_path, monkeypatch, capfd, fraction):
+    # `drivesim encode` on a full disk printed thousands of HDF5 error lines, left its temp file and segfaulted
+    root, good = cached
+    out = tmp_path / "c.h5"
+    count = _fail_writes_after(monkeypatch, int(good.stat().st_size * fraction))
+    with pytest.raises(WriteError) as err:
+        write_cache(root / "data", stand_in_encoder, out, ENC_ID, batch_frames=2, max_boxes=4, dtype="float32")
+    assert str(err.value) == f"{out}: write: No space left on device; nothing was written"
+    assert fraction == 0.0 or count["ok"] > 0  # the disk filled midway, after some writes went through
+    assert list(tmp_path.iterdir()) == []
+    assert capfd.readouterr().err == ""  # no HDF5 error stack
+
+
+def test_unwritable_folder_is_one_line(tmp_path, monkeypatch):
+    real = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(WriteError, match=rf"^{tmp_path / 'c.h5'}: write: Read-only file system; nothing was written$"):
+        LatentCacheWriter(tmp_path / "c.h5", ENC_ID)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
 
 
 def _packed(t):
