@@ -32,7 +32,7 @@ import numpy as np
 from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
 
-from drivesim.errors import DataError
+from drivesim.errors import DataError, WriteError
 
 FORMAT = "drivesim-clips"
 FORMAT_VERSION = 1
@@ -124,6 +124,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20)
 
     Raises:
         ValueError: wrong dtype/shape or odd size.
+        WriteError: the file cannot be written (full or read-only disk); the temp file is removed.
     """
     import av
 
@@ -148,6 +149,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20)
             for packet in stream.encode():
                 container.mux(packet)
         os.replace(tmp, path)
+    except OSError as e:  # PyAV's errors from the file system are OSErrors too
+        raise WriteError.from_os(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -353,17 +356,36 @@ def read_annotation(path: str | Path, problems: list[str] | None = None) -> Clip
     return annotation_from_json(read_json(path, "annotation"), path, problems)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to `path` via a temp file + rename, so readers never see half a file."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder + rename: readers never see half a file, and a
+    failed write leaves nothing behind. The file gets the usual permissions (0o666 minus the umask).
+
+    Raises:
+        WriteError: the folder is missing or read-only, the disk is full, an I/O error (names `path`).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise WriteError.from_os(path, e) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to `path` atomically (`write_bytes_atomic`). Raises WriteError naming `path`."""
+    write_bytes_atomic(path, json.dumps(data, indent=1).encode())
 
 
 def write_clip(dataset_dir: str | Path, frames: np.ndarray, annotation: ClipAnnotation) -> tuple[Path, Path]:

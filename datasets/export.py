@@ -37,7 +37,7 @@ import numpy as np
 from drivesim.bbox_conditioning.classes import CLASS_NAMES, CLASS_TO_ID, VEHICLE_CLASSES
 from drivesim.datasets.clips import Box, ClipAnnotation, read_annotation, read_manifest
 
-from drivesim.errors import ConfigError, DataError
+from drivesim.errors import ConfigError, DataError, WriteError
 
 FORMATS = ("coco", "yolo")
 IMAGE_FORMATS = ("png", "jpg")
@@ -159,8 +159,8 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
 
     Raises:
         ConfigError: unknown format/image format, every < 1, `out` exists.
-        DataError: invalid input (annotation, video, manifest; names file and field), or a failed write (names the
-            file being written; nothing is left at `out`).
+        DataError: invalid input (annotation, video, manifest; names file and field).
+        WriteError: a failed write (names the file being written; nothing is left at `out`).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -231,7 +231,7 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
         os.rename(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{current}: write: {e.strerror or e} (nothing was written to {out})") from None
+        raise WriteError(f"{current}: write: {e.strerror or e} (nothing was written to {out})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

