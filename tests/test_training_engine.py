@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -415,6 +416,11 @@ def test_rerunning_a_finished_run_keeps_its_exports(tmp_path):
     cfg_path.write_text(json.dumps(edited))
     res = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2), out, progress=False)
     assert res.step == 2 and res.start_step == 2 and res.export_dir == out / "model"
+    assert json.loads(cfg_path.read_text())["note"] == "written by a later step"
+    # killed between its two exports: the re-run writes the missing EMA export and still keeps model/
+    shutil.rmtree(out / "model-ema")
+    res = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2), out, progress=False)
+    assert res.ema_export_dir == out / "model-ema" and isinstance(drivesim.load(out / "model-ema"), toy.ToyModel)
     assert json.loads(cfg_path.read_text())["note"] == "written by a later step"
 
 

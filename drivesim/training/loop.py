@@ -2,7 +2,9 @@
 
 The model supplies `loss(batch) -> (loss, logs)` and optionally `param_groups(train_cfg)`; the loop owns
 optimisation (AdamW, warmup + constant/cosine lr, gradient accumulation, clipping, mixed precision), EMA,
-checkpoints (exact resume), the time budget, non-finite-loss handling, the progress bar and trackers.
+checkpoints (exact resume), the time budget, non-finite-loss handling, the progress bar and trackers, and the
+run's history (`out_dir/history.jsonl`, see `drivesim.training.history`: a resume refuses a changed optimisation
+unless allowed).
 
 Launch: `python ...` / `drivesim train ...` (one process) or `accelerate launch [--num_processes N] ...` /
 `torchrun ...` (DDP; gloo on CPU, NCCL on GPU; FSDP through `accelerate config`). `cfg.batch_size` is per process
@@ -29,6 +31,7 @@ from drivesim.errors import ConfigError, DrivesimError
 from drivesim.training import checkpoint as ckpt
 from drivesim.training.data import DataStream
 from drivesim.training.ema import EMA
+from drivesim.training.history import OPTIMISATION_FIELDS, append_history, check_resume_config
 
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -169,6 +172,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     export: bool = True,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train `model` on `dataset` for `cfg.max_steps` optimizer steps (or `cfg.max_minutes`), checkpointing to
     `out_dir/checkpoints/step_XXXXXX/` and exporting `out_dir/model` (+ `out_dir/model-ema`) at the end.
@@ -187,12 +191,19 @@ def train(
             False, an `out_dir` that already holds checkpoints is refused (ConfigError).
         progress: show the rich progress bar (main process only).
         export: write the inference checkpoints at the end.
+        allow_config_change: resume even though `cfg` changes a field that alters the optimisation (lr, betas,
+            weight_decay, batch_size, grad_accum_steps, warmup_steps, lr_schedule, grad_clip, mixed_precision,
+            ema_decay, seed; max_steps under a cosine schedule): the run continues from the checkpoint's weights,
+            moments and schedule position with the new values. Every start and resume, with the config and what
+            changed, is appended to `out_dir/history.jsonl`.
 
     Returns:
         TrainResult.
 
     Raises:
-        ConfigError: invalid training config, or resume=False on a folder with checkpoints.
+        ConfigError: invalid training config, resume=False on a folder with checkpoints, or a resume whose config
+            changes the optimisation without `allow_config_change` (names the field, old and new value; nothing
+            is written).
         CheckpointError: the checkpoint to resume from (or `cfg.init_from`) is unreadable or belongs to another
             model/config.
         DataError: the dataset is smaller than one global batch.
@@ -215,6 +226,7 @@ def train(
     _seed_all(cfg.seed + rank)
 
     latest = ckpt.latest_checkpoint(ckpt_root)
+    changed = check_resume_config(latest, cfg, allow_config_change) if latest is not None and resume else {}
     if latest is None and cfg.init_from:
         # before the EMA copies the weights; a resumed run already holds the fine-tuned weights
         ckpt.init_weights(model, cfg.init_from)
@@ -224,6 +236,8 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=max(cfg.max_steps, 1))
+    # the new config's hyperparameters, for a resume that was allowed to change them
+    fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     state = {"step": 0, "epoch": 0, "position": 0, "bad_steps_total": 0}
@@ -249,7 +263,15 @@ def train(
         if not has_rng:  # every rank reports its own: only the ranks beyond the old process count lack one
             print(f"{latest}: no RNG state for rank {rank} (the process count changed); its RNG is seeded afresh, "
                   "so this resume is not bit-exact", file=sys.stderr)
+        if any(k in OPTIMISATION_FIELDS or k == "max_steps" for k in changed):
+            _continue_with_new_hyperparameters(optimizer, scheduler, fresh_groups)
     start_step = int(state["step"])
+    if is_main:
+        append_history(out_dir, event="resume" if latest is not None else "start", step=start_step, cfg=cfg,
+                       checkpoint=latest, changed=changed, num_processes=world)
+        if changed and console:
+            console.print(f"{out_dir}: resuming with a changed config: " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), highlight=False)
 
     if console:
         console.print(
@@ -367,25 +389,25 @@ def train(
         last_saved = save(step)
 
     export_dir = ema_export_dir = None
-    finished_before = latest is not None and start_step >= cfg.max_steps
-    if export and finished_before and (out_dir / "model" / ckpt.CONFIG_NAME).is_file():
-        # a finished run run again is a no-op: its exports stay as they are (a later step may have written into
-        # them: `drivesim encode` records the autoencoder's scale factor in model/config.json)
-        export_dir = out_dir / "model"
-        if ema is not None and (out_dir / "model-ema" / ckpt.CONFIG_NAME).is_file():
-            ema_export_dir = out_dir / "model-ema"
-        if console:
+    if export:
+        # a finished run run again is a no-op for the exports it has: they stay as they are (a later step may have
+        # written into them: `drivesim encode` records the autoencoder's scale factor in model/config.json); one
+        # killed between its two exports gets the missing one
+        finished_before = latest is not None and start_step >= cfg.max_steps
+        model_dir, ema_dir = out_dir / "model", out_dir / "model-ema"
+        keep_model = finished_before and (model_dir / ckpt.CONFIG_NAME).is_file()
+        keep_ema = finished_before and (ema_dir / ckpt.CONFIG_NAME).is_file()
+        unwrapped = accelerator.unwrap_model(wrapper).model
+        full = accelerator.get_state_dict(unwrapped)  # a collective under FSDP: every process calls it
+        if is_main:
+            export_dir = model_dir if keep_model else ckpt.save_model(unwrapped, model_dir, state_dict=full)
+            if ema is not None:
+                ema_export_dir = ema_dir if keep_ema else ckpt.save_model(unwrapped, ema_dir,
+                                                                         state_dict=ema.ema_state_dict(unwrapped))
+        accelerator.wait_for_everyone()
+        if console and keep_model and (ema is None or keep_ema):
             console.print(f"{out_dir}: already finished at step {start_step}; nothing to do (exports kept)",
                           highlight=False)
-    elif export:
-        unwrapped = accelerator.unwrap_model(wrapper).model
-        full = accelerator.get_state_dict(unwrapped)
-        if is_main:
-            export_dir = ckpt.save_model(unwrapped, out_dir / "model", state_dict=full)
-            if ema is not None:
-                ema_export_dir = ckpt.save_model(unwrapped, out_dir / "model-ema",
-                                                 state_dict=ema.ema_state_dict(unwrapped))
-        accelerator.wait_for_everyone()
     if console:
         console.print(f"done: step {step} ({stop_reason}), {step - start_step} steps in {elapsed:.1f} s, "
                       f"{bad_this_call} skipped; checkpoint {last_saved}", highlight=False)
@@ -393,6 +415,18 @@ def train(
                        export_dir=export_dir, ema_export_dir=ema_export_dir, bad_steps=bad_this_call,
                        elapsed_s=elapsed, steps_per_s=(step - start_step) / max(elapsed, 1e-9),
                        final_loss=final_loss)
+
+
+def _continue_with_new_hyperparameters(optimizer, scheduler, fresh_groups: list[dict]) -> None:
+    """After an allowed config change: moments, step counts and the schedule position stay the checkpoint's; the
+    hyperparameters (initial lr, betas, weight decay) and the schedule's base rates are the new config's, and the
+    current lr is the new schedule at the restored position (loading the checkpoint had put the old ones back)."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+        group.update(fresh)
+    scheduler.base_lrs = [fresh["initial_lr"] for fresh in fresh_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _seed_all(seed: int) -> None:
