@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,14 +156,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20)
         tmp.unlink(missing_ok=True)
 
 
-def read_video(path: str | Path) -> np.ndarray:
-    """Decode a video file to RGB frames.
-
-    Returns:
-        (t, h, w, 3) uint8 RGB.
+def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Decode a video frame by frame (memory does not grow with its length): yields (h, w, 3) uint8 RGB.
 
     Raises:
-        DataError: the file is missing, unreadable, truncated or has no video frames (names the file).
+        DataError: missing, unreadable or truncated file, or a frame whose size differs from the first frame's
+            (names the file and the frame index).
     """
     import av
 
@@ -173,11 +172,32 @@ def read_video(path: str | Path) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{path}: video: no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            first = None
+            for k, frame in enumerate(container.decode(video=0)):
+                size = (frame.width, frame.height)
+                if first is None:
+                    first = size
+                elif size != first:  # a stream can switch resolution midway (concatenated recordings)
+                    raise DataError(f"{path}: video: frame {k} is {size[0]}x{size[1]} but frame 0 is "
+                                    f"{first[0]}x{first[1]} (the frame size changes midway)")
+                yield frame.to_ndarray(format="rgb24")
     except DataError:
         raise
     except Exception as e:  # PyAV raises several error types for corrupt/truncated files
         raise DataError(f"{path}: video: cannot decode ({type(e).__name__}: {e})") from None
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Decode a video file to RGB frames.
+
+    Returns:
+        (t, h, w, 3) uint8 RGB.
+
+    Raises:
+        DataError: the file is missing, unreadable, truncated, has no video frames or changes its frame size
+            midway (names the file, and the frame).
+    """
+    frames = list(iter_video_frames(path))
     if not frames:
         raise DataError(f"{path}: video: no decodable frames (empty or truncated file)")
     return np.stack(frames)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from drivesim.bbox_conditioning.classes import CLASS_NAMES, CLASS_TO_ID, VEHICLE_CLASSES
-from drivesim.datasets.clips import Box, ClipAnnotation, read_annotation, read_manifest
+from drivesim.datasets.clips import Box, ClipAnnotation, iter_video_frames, read_annotation, read_manifest
 
 from drivesim.errors import ConfigError, DataError, WriteError
 
@@ -67,28 +67,6 @@ def find_clips(root: str | Path) -> list[ExportClip]:
     if not clips:
         raise DataError(f"{root}: clips: no manifest.json and no <id>.json + <id>.mp4 pair (empty dataset)")
     return clips
-
-
-def iter_video_frames(path: Path) -> Iterator[np.ndarray]:
-    """Decode a video frame by frame (memory does not grow with its length): yields (h, w, 3) uint8 RGB.
-
-    Raises:
-        DataError: missing, unreadable or truncated file (names the file).
-    """
-    import av
-
-    if not path.is_file():
-        raise DataError(f"{path}: video: file not found")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: video: no video stream")
-            for frame in container.decode(video=0):
-                yield frame.to_ndarray(format="rgb24")
-    except DataError:
-        raise
-    except Exception as e:  # PyAV raises several error types for corrupt/truncated files
-        raise DataError(f"{path}: video: cannot decode ({type(e).__name__}: {e})") from None
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from drivesim.datasets.clips import ClipAnnotation, load_clip, read_annotation, read_manifest, write_bytes_atomic
+from drivesim.datasets.clips import (
+    ClipAnnotation,
+    iter_video_frames,
+    load_clip,
+    read_annotation,
+    read_manifest,
+    write_bytes_atomic,
+)
 
 from drivesim.errors import DataError
 
@@ -78,11 +85,9 @@ def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float
         times_s: start times in seconds; a time past the end is clamped to the last full row.
 
     Raises:
-        DataError: unreadable video or a time < 0 (names the file / option).
+        DataError: unreadable video (or one whose frame size changes), a time < 0 (names the file / option).
         WriteError: the PNG cannot be written (nothing is left behind).
     """
-    import av
-
     if any(t < 0 for t in times_s):
         raise DataError(f"{out}: --at: times must be >= 0, got {times_s}")
     last = annotation.num_frames - 1
@@ -90,15 +95,11 @@ def filmstrip(video: str | Path, annotation: ClipAnnotation, times_s: list[float
     rows_k = [[min(s + j * step, last) for j in range(frames_per_row)] for s in starts]  # frame index per tile
     wanted = {k for row in rows_k for k in row}
     picked: dict[int, np.ndarray] = {}
-    try:
-        with av.open(str(video)) as container:
-            for k, frame in enumerate(container.decode(video=0)):
-                if k in wanted:
-                    picked[k] = frame.to_ndarray(format="rgb24")
-                if k >= max(wanted):
-                    break
-    except (OSError, av.error.FFmpegError) as e:
-        raise DataError(f"{video}: video: cannot decode ({e})") from None
+    for k, frame in enumerate(iter_video_frames(video)):
+        if k in wanted:
+            picked[k] = frame
+        if k >= max(wanted):
+            break
     rows = []
     for row_k in rows_k:
         tiles = []

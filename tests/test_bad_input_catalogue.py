@@ -183,6 +183,29 @@ def truncate_video(ds: Path) -> None:
     (ds / "clip_0000.mp4").write_bytes(data[: len(data) // 2])
 
 
+def resolution_change(ds: Path) -> None:
+    """clip_0000.mp4 becomes two recordings concatenated (MPEG-TS): 2 frames of 64x32, then 2 of 96x48."""
+    from fractions import Fraction
+
+    import av
+
+    parts = []
+    for i, (h, w) in enumerate(((32, 64), (48, 96))):
+        part = ds / f"part{i}.ts"
+        with av.open(str(part), "w", format="mpegts") as c:
+            stream = c.add_stream("libx264", rate=Fraction(10))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for _ in range(2):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 90, np.uint8),
+                                                                       format="rgb24")):
+                    c.mux(packet)
+            for packet in stream.encode():
+                c.mux(packet)
+        parts.append(part.read_bytes())
+        part.unlink()
+    (ds / "clip_0000.mp4").write_bytes(b"".join(parts))
+
+
 def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real = export_module.write_image
@@ -241,6 +264,11 @@ CASES: list[Case] = [
         d["frames"].append({"index": 4, "boxes": []}), d.update(num_frames=5)))), r"clip_0000\.mp4", "num_frames: "),
     Case("mp4 resolution mismatch", clip_case(ann_edit(lambda d: d.update(width=128))), r"clip_0000\.mp4",
          "resolution: video is 64x32"),
+    # np.stack's ValueError leaked as a traceback from data validate and encode
+    Case("mp4 frame size changes midway", clip_case(resolution_change), r"clip_0000\.mp4",
+         r"video: frame 2 is 96x48 but frame 0 is 64x32 \(the frame size changes midway\)"),
+    Case("mp4 frame size changes midway (encode)", lambda tmp: resolution_change(tmp / "ds") or encode_cmd(tmp),
+         r"clip_0000\.mp4", r"video: frame 2 is 96x48 but frame 0 is 64x32"),
     # data: annotations
     Case("box NaN", clip_case(ann_edit(_box_edit(y2=float("nan")))), r"clip_0000\.json",
          r"frames\[1\]\.boxes\[0\]\.y2: not finite"),
@@ -473,3 +501,15 @@ def test_exploit_payload_would_run_if_unpickled(tmp_path):
     assert not (tmp_path / MARKER).exists()
     pickle.loads((ckpt / "model.safetensors").read_bytes()).close()
     assert (tmp_path / MARKER).exists()
+
+
+def test_data_validate_names_the_frame_where_the_size_changes(base, tmp_path, capsys):
+    # `data validate` reports every problem on stdout (not a catalogue row: its report is not one error line);
+    # np.stack's ValueError used to escape it as a traceback
+    shutil.copytree(base, tmp_path, dirs_exist_ok=True)
+    resolution_change(tmp_path / "ds")
+    assert main(["data", "validate", str(tmp_path / "ds")]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert re.search(r"FAIL \S*clip_0000\.mp4: video: frame 2 is 96x48 but frame 0 is 64x32 \(the frame size "
+                     r"changes midway\)", captured.out), captured.out
