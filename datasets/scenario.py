@@ -34,13 +34,17 @@ from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
 from drivesim.datasets.clips import Box, ClipAnnotation, parse_frame_boxes, read_json, write_json_atomic
 
-from drivesim.errors import DataError
+from drivesim.errors import ConfigError, DataError
+from drivesim.rollout import MAX_FRAMES as _MAX_ROLLOUT_FRAMES
 from drivesim.types import Conditioning
 
 FORMAT = "drivesim-scenario"
 FORMAT_VERSION = 1
 EXTEND_MODES = ("loop", "chain")
 RESAMPLE_METHODS = ("linear", "nearest")
+# a scenario may run past the rollout it conditions (its last prediction clip); beyond this its frame lists alone
+# would not fit in memory
+MAX_FRAMES = 2 * _MAX_ROLLOUT_FRAMES
 
 
 @dataclass
@@ -283,6 +287,8 @@ def extend(scenario: Scenario | Sequence[Scenario], num_frames: int, mode: str =
     Raises:
         ValueError: num_frames < 1, unknown mode, loop with several scenarios, no scenario, or segments whose
             fps / width / height / night differ (resample first).
+        ConfigError: more than MAX_FRAMES frames, refused before the frame lists are built (`scenario from-clip
+            --minutes 1e9` ran out of memory).
     """
     segments = [scenario] if isinstance(scenario, Scenario) else list(scenario)
     if mode not in EXTEND_MODES:
@@ -294,6 +300,10 @@ def extend(scenario: Scenario | Sequence[Scenario], num_frames: int, mode: str =
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     first = segments[0]
+    if num_frames > MAX_FRAMES:
+        minutes = f"{num_frames / first.fps / 60:.6g}".replace("e+0", "e").replace("e+", "e")
+        raise ConfigError(f"scenario: {num_frames} frames ({minutes} minutes at {first.fps:g} fps) exceeds the limit "
+                          f"of {MAX_FRAMES} frames (twice the longest rollout)")
     for i, s in enumerate(segments[1:], 1):
         for attr in ("fps", "width", "height", "night"):
             if getattr(s, attr) != getattr(first, attr):

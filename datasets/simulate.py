@@ -27,6 +27,10 @@ from drivesim.datasets.clips import annotation_from_json, write_clip, write_mani
 from drivesim.errors import DataError
 
 GENERATOR = Path(__file__).with_name("metadrive_gen.py")
+# Absurd requests are refused before a simulator starts: the clip plan is a list in memory, and a worker holds all
+# frames of its clip in memory before saving them (and the writer loads them again).
+MAX_CLIPS = 100_000  # each clip is a simulator run of seconds to minutes: days of rendering
+MAX_CLIP_BYTES = 2 << 30  # frames x height x width x 3 of one clip
 
 
 def find_sim_python() -> Path:
@@ -101,8 +105,9 @@ def simulate(
         `source` names the simulator version and the map seed actually used.
 
     Raises:
-        DataError: `out_dir` exists, bad sizes, the simulator environment is missing, or a worker failed (the tail
-            of its log). Nothing is left at `out_dir` on failure.
+        DataError: `out_dir` exists, bad sizes (or more than MAX_CLIPS clips, more than MAX_CLIP_BYTES of frames
+            per clip), the simulator environment is missing, or a worker failed (the tail of its log). Nothing is
+            left at `out_dir` on failure.
     """
     out = Path(out_dir)
     if out.exists():
@@ -112,6 +117,15 @@ def simulate(
         raise DataError(f"--size: {height}x{width} must be positive multiples of 8")
     if frames < 1:
         raise DataError(f"--frames: must be >= 1, got {frames}")
+    if clips > MAX_CLIPS:
+        raise DataError(f"--clips: {clips} exceeds the limit of {MAX_CLIPS}")
+    if height * width * 3 > MAX_CLIP_BYTES:
+        raise DataError(f"--size: {height}x{width} exceeds the limit of {MAX_CLIP_BYTES >> 30} GiB of frames per "
+                        "clip with one frame")
+    if frames * height * width * 3 > MAX_CLIP_BYTES:
+        limit = MAX_CLIP_BYTES // (height * width * 3)
+        raise DataError(f"--frames: {frames} exceeds the limit of {limit} at {height}x{width} (a worker holds one "
+                        f"clip's frames in memory, {MAX_CLIP_BYTES >> 30} GiB at most)")
     if warmup < 0:
         raise DataError(f"--warmup: must be >= 0, got {warmup}")
     if workers < 1:

@@ -63,7 +63,8 @@ from drivesim.errors import CheckpointError, ConfigError
 from drivesim.types import Conditioning
 
 __all__ = ["RolloutConfig", "RolloutModels", "RolloutPlan", "Rollout", "load_models", "init_checkpoint_dir",
-           "unit_generator", "shard", "check_rollout_config", "MODEL_DIRS", "STATE_VERSION"]
+           "unit_generator", "shard", "check_rollout_config", "check_rollout_length", "MODEL_DIRS", "STATE_VERSION",
+           "MAX_MINUTES", "MAX_FRAMES"]
 
 MODEL_DIRS = {"autoencoder": ("video_autoencoder", "autoencoder_kl"), "image_ldm": ("image_ldm",),
               "prediction": ("prediction_ldm",), "interpolation": ("interpolation_ldm",),
@@ -71,6 +72,12 @@ MODEL_DIRS = {"autoencoder": ("video_autoencoder", "autoencoder_kl"), "image_ldm
 """Sub-folder of the checkpoint dir -> accepted model classes."""
 STATE_VERSION = 1
 FACTOR = 4  # each interpolation stage multiplies the frame rate by 4
+# The longest rollout. Frames stream to disk, but the labels (the scenario resampled and extended, then the output
+# annotation) and the plan's decode windows are held whole, a few hundred bytes per frame and box, and the mp4
+# grows by tens of kB a frame: an hour at 60 fps (0.2 M frames) is within reach of one machine; `--minutes 1e9`
+# ran out of memory after loading the models. Refused before anything loads (`check_rollout_length`).
+MAX_MINUTES = 60.0
+MAX_FRAMES = 216_000  # MAX_MINUTES at 60 fps
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,29 @@ class RolloutConfig:
     segment_crf: int = 10
     crf: int = 20
     keep_segments: bool = False
+
+
+def check_rollout_length(minutes: float | None = None, frames: int | None = None) -> None:
+    """Refuse an absurd rollout length up front (before models load), naming the flag and the limit.
+
+    Raises:
+        ConfigError: `minutes` not a number or above MAX_MINUTES, `frames` above MAX_FRAMES.
+    """
+    if minutes is not None and math.isnan(minutes):
+        raise ConfigError("--minutes: must be a number, got nan")
+    if minutes is not None and minutes > MAX_MINUTES:
+        raise ConfigError(f"--minutes: {_number(minutes)} exceeds the limit of {_number(MAX_MINUTES)} (minutes of "
+                          "video per rollout)")
+    if frames is not None and frames > MAX_FRAMES:
+        raise ConfigError(f"--frames: {frames} exceeds the limit of {MAX_FRAMES} (frames per rollout: "
+                          f"{_number(MAX_MINUTES)} minutes at 60 fps)")
+
+
+def _number(x: float) -> str:
+    """1e9 -> "1e9", 60.0 -> "60", 2.5 -> "2.5": how a user typed it, not Python's repr."""
+    if math.isfinite(x) and x == int(x) and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:.6g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def check_rollout_config(cfg: RolloutConfig, source: str = "rollout config") -> None:
@@ -360,12 +390,15 @@ def make_plan(models: RolloutModels, cfg: RolloutConfig, num_frames: int, resolu
     """The frame arithmetic for `num_frames` output frames (see `RolloutPlan`).
 
     Raises:
-        ConfigError: strides that do not compose into x4 stages, or a clip/window length the models cannot take.
+        ConfigError: strides that do not compose into x4 stages, a clip/window length the models cannot take, or
+            more than MAX_FRAMES frames.
     """
     from drivesim.autoencoder.model import chunk_windows
 
     if num_frames < 1:
         raise ConfigError(f"rollout: num_frames: must be >= 1, got {num_frames}")
+    if num_frames > MAX_FRAMES:  # e.g. MAX_MINUTES at an fps above 60
+        raise ConfigError(f"rollout: num_frames: {num_frames} exceeds the limit of {MAX_FRAMES} (frames per rollout)")
     pcfg, icfg = models.prediction.config, models.interpolation.config
     if pcfg.frame_stride % icfg.frame_stride:
         raise ConfigError(f"prediction.frame_stride {pcfg.frame_stride} is not a multiple of interpolation."

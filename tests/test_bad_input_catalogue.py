@@ -419,6 +419,20 @@ CASES: list[Case] = [
     Case("scenario unknown --extend", lambda tmp: ["scenario", "from-clip", str(tmp / "ds"), "--out",
                                                    str(tmp / "s.json"), "--minutes", "2", "--extend", "spiral"],
          "--extend", "expected one of loop, chain, got 'spiral'"),
+    # absurd sizes, refused up front with the limit named (MemoryError or a traceback after minutes of work)
+    Case("rollout --minutes 1e9", lambda tmp: ["rollout", "--scenario", str(tmp / "scn.json"), "--ckpt-dir",
+                                               str(tmp / "stack"), "--minutes", "1e9", "--out", str(tmp / "out")],
+         "--minutes", "1e9 exceeds the limit of 60",
+         known_bug="drivesim.pipeline.rollout.rollout_scenarios must call drivesim.rollout.check_rollout_length "
+                   "before loading the models (the stack is read first: 'not a checkpoint folder')"),
+    Case("scenario --minutes 1e9", lambda tmp: ["scenario", "from-clip", f"{tmp / 'ds'}:clip_0000", "--out",
+                                                str(tmp / "s.json"), "--minutes", "1e9", "--extend", "loop"],
+         "scenario", r"600000000000 frames \(1e9 minutes at 10 fps\) exceeds the limit of 432000 frames"),
+    Case("simulate --clips absurd", lambda tmp: ["data", "simulate", "--out", str(tmp / "sim"), "--clips",
+                                                 "1000000000"], "--clips", "1000000000 exceeds the limit of 100000"),
+    Case("simulate --frames absurd", lambda tmp: ["data", "simulate", "--out", str(tmp / "sim"), "--frames",
+                                                  "1000000000", "--size", "32x64"],
+         "--frames", r"1000000000 exceeds the limit of 349525 at 32x64"),
     # arguments rejected by the parser itself
     Case("required option missing", lambda tmp: ["export", str(tmp / "ds"), "--out", str(tmp / "out")],
          "", "Missing option '--format'", usage=True),
