@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import drivesim
 from drivesim.configs import PRESETS, Preset, TrainConfig, dump_yaml, get_preset, load_yaml, override, to_dict
-from drivesim.errors import CheckpointError, ConfigError
+from drivesim.errors import CheckpointError, ConfigError, WriteError
 from drivesim.training import checkpoint as ckpt
 from drivesim.training.loop import NonFiniteLossError, build_param_groups, train
 
@@ -211,7 +211,9 @@ def test_crash_while_writing_a_checkpoint_leaves_previous_latest_valid(tmp_path,
         train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=4), tmp_path, progress=False)
     monkeypatch.setattr(ckpt, "_save_tensors", real)
     root = tmp_path / "checkpoints"
-    assert (root / ".tmp-step_000004").is_dir() and not (root / "step_000004").exists()
+    # the failed write removed its temp folder (a killed process leaves it: the next save replaces it)
+    assert not (root / ".tmp-step_000004").exists() and not (root / "step_000004").exists()
+    (root / ".tmp-step_000004").mkdir()  # as a SIGKILL mid-write leaves it
     assert ckpt.latest_checkpoint(root).name == "step_000002"
     assert isinstance(drivesim.load(tmp_path), toy.ToyModel)  # the run folder resolves to its latest checkpoint
     res = train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=4), tmp_path, progress=False)
@@ -403,6 +405,37 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_still_loads(tmp_pa
             break
     assert path.read_bytes()[0] == 0x80
     assert read_tensors(path)["w"].sum().item() == 2.0
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+    # safetensors reports a full disk as a SafetensorError, which leaked from `drivesim train` as a traceback
+    from safetensors import SafetensorError
+
+    train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=2), tmp_path, progress=False)
+    real, calls = ckpt.save_file, {"n": 0}
+
+    def full(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the rng file went through; the model weights do not
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(WriteError) as err:
+        train(_toy_model(), toy.ToyDataset(32), _quick_cfg(max_steps=4), tmp_path, progress=False)
+    root = tmp_path / "checkpoints"
+    assert str(err.value) == (f"{root / '.tmp-step_000004' / 'model.safetensors'}: write: I/O error: No space left "
+                              "on device (os error 28); nothing was written")
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
+    monkeypatch.setattr(ckpt, "save_file", real)
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the export's first file fails to reach the disk
+    with pytest.raises(WriteError, match=r"\.tmp-export/model\.safetensors: write: No space left on device"):
+        ckpt.save_model(_toy_model(), tmp_path / "export")
+    assert not (tmp_path / ".tmp-export").exists() and not (tmp_path / "export").exists()
 
 
 def test_rerunning_a_finished_run_keeps_its_exports(tmp_path):

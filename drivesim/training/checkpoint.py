@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from drivesim.configs import FORMAT_VERSION, ConfigError, from_dict, to_dict
-from drivesim.errors import CheckpointError
+from drivesim.errors import CheckpointError, WriteError
 
 CONFIG_NAME = "config.json"
 MODEL_NAME = "model.safetensors"
@@ -84,15 +84,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(data: Any, path: Path) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Raises WriteError naming `path` (full or read-only disk)."""
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError.from_os(path, e) from None
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write `tensors` as safetensors; tensors sharing storage (tied weights) are stored as separate copies."""
+    """Write `tensors` as safetensors; tensors sharing storage (tied weights) are stored as separate copies.
+
+    Raises:
+        WriteError: naming `path` (full or read-only disk; safetensors reports it as a SafetensorError).
+    """
     seen: set[tuple[int, int]] = set()
     out = {}
     for name, t in tensors.items():
@@ -100,9 +108,15 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (id(t), 0)
         out[name] = t.contiguous().clone() if key in seen or not t.is_contiguous() else t
         seen.add(key)
-    save_file({k: v.cpu() for k, v in out.items()}, str(path), metadata={"format": "pt"})
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file({k: v.cpu() for k, v in out.items()}, str(path), metadata={"format": "pt"})
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError.from_os(path, e) from None
+    except SafetensorError as e:
+        reason = str(e).removeprefix("Error while serializing: ")
+        raise WriteError(f"{path}: write: {reason}; nothing was written") from None
 
 
 def read_json(path: Path) -> dict:
@@ -239,15 +253,23 @@ def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.T
 
     The folder holds `model.safetensors` and `config.json` {"format_version", "model_class", "config"}; an
     existing folder at `path` is replaced only once the new one is complete.
+
+    Raises:
+        WriteError: a file cannot be written (full or read-only disk); the temp folder is removed, `path` is
+            untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_tensors(state_dict if state_dict is not None else model.state_dict(), tmp / MODEL_NAME)
-    _write_json({"format_version": FORMAT_VERSION, "model_class": model_class_name(model),
-                 "config": to_dict(model.config)}, tmp / CONFIG_NAME)
+    try:
+        _save_tensors(state_dict if state_dict is not None else model.state_dict(), tmp / MODEL_NAME)
+        _write_json({"format_version": FORMAT_VERSION, "model_class": model_class_name(model),
+                     "config": to_dict(model.config)}, tmp / CONFIG_NAME)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace_dir(tmp, path)
     return path
 
@@ -454,6 +476,11 @@ def save_training_checkpoint(
 
     Returns:
         The final checkpoint folder.
+
+    Raises:
+        WriteError: a file cannot be written (full or read-only disk); the main process removes the temp folder,
+            so the previous checkpoint stays the latest and nothing half-written is left (a process killed
+            mid-write leaves it, and the next save at that step replaces it).
     """
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -462,22 +489,27 @@ def save_training_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    rng_tensors, rng_meta = capture_rng()
-    rng_st, rng_js = _rng_files(rank)
-    _save_tensors(rng_tensors, tmp / rng_st)
-    _write_json(rng_meta, tmp / rng_js)
-    if is_main:
-        _save_tensors(model_state, tmp / MODEL_NAME)
-        if ema_state is not None:
-            _save_tensors(ema_state, tmp / EMA_NAME)
-        opt_tensors, opt_meta = optimizer_to_files(optimizer, group_names)
-        _save_tensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
-        _write_json(opt_meta, tmp / OPTIMIZER_JSON)
-        _write_json(scheduler.state_dict(), tmp / SCHEDULER_JSON)
-        _write_json(trainer_state, tmp / TRAINER_STATE)
-        _write_json({"format_version": FORMAT_VERSION, "model_class": model_class_name(model),
-                     "config": to_dict(model.config), "train_config": to_dict(train_config), "step": step},
-                    tmp / CONFIG_NAME)
+    try:
+        rng_tensors, rng_meta = capture_rng()
+        rng_st, rng_js = _rng_files(rank)
+        _save_tensors(rng_tensors, tmp / rng_st)
+        _write_json(rng_meta, tmp / rng_js)
+        if is_main:
+            _save_tensors(model_state, tmp / MODEL_NAME)
+            if ema_state is not None:
+                _save_tensors(ema_state, tmp / EMA_NAME)
+            opt_tensors, opt_meta = optimizer_to_files(optimizer, group_names)
+            _save_tensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
+            _write_json(opt_meta, tmp / OPTIMIZER_JSON)
+            _write_json(scheduler.state_dict(), tmp / SCHEDULER_JSON)
+            _write_json(trainer_state, tmp / TRAINER_STATE)
+            _write_json({"format_version": FORMAT_VERSION, "model_class": model_class_name(model),
+                         "config": to_dict(model.config), "train_config": to_dict(train_config), "step": step},
+                        tmp / CONFIG_NAME)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     if is_main:
         (tmp / COMPLETE_MARKER).write_text("complete\n")
