@@ -59,7 +59,7 @@ from einops import rearrange
 from torch import nn
 
 from drivesim.configs import to_dict
-from drivesim.errors import CheckpointError, ConfigError
+from drivesim.errors import CheckpointError, ConfigError, WriteError
 from drivesim.types import Conditioning
 
 __all__ = ["RolloutConfig", "RolloutModels", "RolloutPlan", "Rollout", "load_models", "init_checkpoint_dir",
@@ -476,19 +476,33 @@ SegmentWriter = Callable[[Path, np.ndarray, float], None]
 """(path, frames (t, h, w, 3) uint8, fps) -> writes a closed, playable mp4 atomically."""
 
 
+def _atomic_write(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, then rename it to `path`. A failed write (full or read-only disk) removes `tmp` and raises one
+    WriteError naming `path`; the state committed before stays the one a resume reads."""
+    from safetensors import SafetensorError
+
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(
+            "Error while serializing: ")
+        raise WriteError(f"{path}: write: {reason}; nothing was written") from None
+
+
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, path.with_name(f".{path.name}.tmp"), write)
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    _atomic_write(path, path.with_name(f".{path.stem}.tmp.npy"), lambda tmp: np.save(tmp, array))
 
 
 class Rollout:
@@ -562,9 +576,7 @@ class Rollout:
         # state no resume could read)
         self.state_seq += 1
         name = f"state-{self.state_seq:06d}.safetensors"
-        tmp = self.out / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.out / name)
+        _atomic_write(self.out / name, self.out / f".{name}.tmp", lambda tmp: save_file(tensors, str(tmp)))
         meta = {"state_version": STATE_VERSION, "config_hash": self.config_hash, "seed": self.seed,
                 "rng": "torch.Generator per unit, seeded from numpy SeedSequence([seed, unit])",
                 "unit": self.unit, "num_units": self.plan.num_units, "keys_base": self.keys_base,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -104,3 +105,27 @@ def test_every_writer_on_a_full_disk(tmp_path_factory):
         assert message == f"{tmp_path / file}: write: File too large; nothing was written", (name, message)
         assert "\n" not in message
     assert list(tmp_path.iterdir()) == []  # no temp files, no partial outputs
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_rollout_on_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path):
+    # the rollout's state (safetensors: SafetensorError), latents (np.save) and state.json writes leaked
+    # tracebacks and left their temp files; what it committed before stays resumable
+    from drivesim.datasets.clips import Box
+    from drivesim.datasets.scenario import Scenario, save_scenario
+
+    from drivesim.rollout import init_checkpoint_dir
+
+    init_checkpoint_dir(tmp_path / "ckpt", "tiny", seed=0)
+    frames = [[Box("1", "car", 5 + k, 10, 25 + k, 26)] for k in range(12)]
+    save_scenario(Scenario(fps=10.0, width=64, height=32, night=0, crowdedness=1, frames=frames), tmp_path / "s.json")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "drivesim.cli.main", "rollout", "--scenario", str(tmp_path / "s.json"),
+            "--ckpt-dir", str(tmp_path / "ckpt"), "--frames", "12", "--out", str(out), "--quiet", "--set", "steps=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 1 and len(lines) == 1, run.stderr[-3000:]
+    # numpy words a short write its own way ("1536 requested and 718 written")
+    assert re.fullmatch(rf"error: {re.escape(str(out))}/\S+: write: .+; nothing was written", lines[0]), lines[0]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], sorted(out.rglob("*"))
