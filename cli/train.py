@@ -23,7 +23,9 @@ Examples, one process (CPU or one GPU):
 
 Resume is the default: the same command again continues from the newest
 complete checkpoint in OUT/checkpoints (bit-exact on CPU). --no-resume
-refuses an OUT that already holds checkpoints.
+refuses an OUT that already holds checkpoints. A resume refuses a changed
+lr, batch size, schedule, seed, ... unless --allow-config-change; every
+start and resume is recorded in OUT/history.jsonl.
 
 Fine-tune from another run's (or a shipped) weights, fresh optimizer:
 
@@ -81,6 +83,9 @@ def train_cmd(
     batch_size: int = typer.Option(None, "--batch-size", help="Override train.batch_size (per process)."),
     mixed_precision: str = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16 (fp16 needs a GPU)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's latest checkpoint."),
+    allow_config_change: bool = typer.Option(False, "--allow-config-change", help="Resume even though the training "
+                                             "config changes the optimisation (lr, batch size, schedule, ...); "
+                                             "recorded in OUT/history.jsonl."),
     init_from: Path = typer.Option(None, "--init-from", help="Fine-tune: a fresh run starts from the weights of this "
                                    "exported checkpoint (model/, model-ema/ or a shipped one), fresh optimizer."),
     config: Path = typer.Option(None, "--config", help="Full preset YAML (from `drivesim config show P --yaml`)."),
@@ -113,7 +118,8 @@ def train_cmd(
     model, dataset, collate_fn = spec.build(cfg, data, **stage_opts)
     if int(os.environ.get("RANK", "0")) == 0:
         dump_yaml(cfg, out / f"config-{stage}.yaml")
-    result = train(model, dataset, tc, out, collate_fn=collate_fn, resume=resume, progress=progress)
+    result = train(model, dataset, tc, out, collate_fn=collate_fn, resume=resume, progress=progress,
+                   allow_config_change=allow_config_change)
     typer.echo(f"{stage}: step {result.step} ({result.stop_reason}), {result.steps_per_s:.2f} steps/s; "
                f"model: {result.export_dir}; EMA: {result.ema_export_dir}")
 
