@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from drivesim.cli.sample import draw_boxes, frames_to_uint8, write_png
 from drivesim.eval.box_fidelity import (
     AREA_RANGES,
     FrameBoxes,
@@ -42,6 +41,7 @@ from drivesim.eval.box_fidelity import (
 )
 from drivesim.eval.day_night import DayNightClassifier
 
+from drivesim.pipeline.sample import draw_boxes, frames_to_uint8, write_png
 from drivesim.training.checkpoint import load_model
 from drivesim.types import Conditioning
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from drivesim.cli.sample import draw_boxes, frames_to_uint8, write_png
 from drivesim.datasets.latent_cache import LatentClipDataset
 from drivesim.eval.box_fidelity import shuffled_partners
 from einops import rearrange
 
 from drivesim.models.image_ldm import ImageLDM
+from drivesim.pipeline.sample import draw_boxes, frames_to_uint8, write_png
 from drivesim.training.checkpoint import load_model
 from drivesim.types import Conditioning
 

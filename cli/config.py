@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from drivesim.configs import Preset, get_preset, load_yaml, to_dict
 from drivesim.errors import ConfigError
+from drivesim.pipeline.presets import preset_dict
 
 app = typer.Typer(help="Show presets and configs.", no_args_is_help=True)
 
@@ -61,8 +61,7 @@ def show(
 
     if (preset is None) == (file is None):
         raise ConfigError("config show: give a PRESET name or --file, not both / neither")
-    cfg = load_yaml(Preset, file) if file is not None else get_preset(preset)
-    node = select_section(to_dict(cfg), section, str(file) if file is not None else f"preset {preset}")
+    node = select_section(preset_dict(preset, file), section, str(file) if file is not None else f"preset {preset}")
     if yaml_out:
         typer.echo(yaml.safe_dump(node, sort_keys=False, default_flow_style=None), nl=False)
         return

@@ -13,19 +13,6 @@ app = typer.Typer(help="Inspect, validate, simulate and preview datasets in the 
 # ---- info / validate / from-nuscenes (datasets owner) ---------------------------------------------------------
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    """'128x256' (height x width) -> (128, 256)."""
-    from drivesim.errors import ConfigError
-
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--size: expected HEIGHTxWIDTH such as 128x256, got {text!r}") from None
-    if h <= 0 or w <= 0 or h % 8 or w % 8:
-        raise ConfigError(f"--size: height and width must be positive multiples of 8, got {text!r}")
-    return h, w
-
-
 @app.command("info")
 def info(
     path: Path = typer.Argument(..., help="Dataset folder (with manifest.json)."),
@@ -34,9 +21,10 @@ def info(
     """Summarise a dataset: clips, frames, fps, resolution, day/night, boxes per frame, classes (per split)."""
     import json
 
-    from drivesim.datasets.clips import dataset_summary
     from rich.console import Console
     from rich.table import Table
+
+    from drivesim.pipeline.data import dataset_summary
 
     summary = dataset_summary(path)
     console = Console()
@@ -79,8 +67,9 @@ def validate(
     """
     from collections import Counter
 
-    from drivesim.datasets.clips import validate_dataset
     from rich.console import Console
+
+    from drivesim.pipeline.data import validate_dataset
 
     console = Console(highlight=False, soft_wrap=True)
     report = validate_dataset(path, decode=not no_decode)
@@ -113,12 +102,12 @@ def from_nuscenes(
     """Export nuScenes camera clips with projected 2D boxes to the drivesim clip format."""
     import shlex
 
-    from drivesim.datasets.nuscenes import export_clips
+    from drivesim.pipeline.data import from_nuscenes, parse_size
 
     command = ["drivesim", "data", "from-nuscenes", "--dataroot", str(dataroot), "--version", version, "--out",
                str(out), "--camera", camera, "--frames", str(frames), "--fps", str(fps), "--size", size]
     command += ["--sweeps"] * sweeps + (["--max-clips", str(max_clips)] if max_clips is not None else [])
-    manifest = export_clips(out, dataroot, version, camera, frames, fps, _parse_size(size), sweeps, max_clips,
+    manifest = from_nuscenes(out, dataroot, version, camera, frames, fps, parse_size(size), sweeps, max_clips,
                             command=shlex.join(command))
     typer.echo(f"{out}: wrote {len(manifest.clips)} clips ({len(manifest.split('train'))} train, "
                f"{len(manifest.split('val'))} val)")
@@ -146,8 +135,9 @@ def simulate_cmd(
     """
     import shlex
 
-    from drivesim.datasets.simulate import simulate
     from rich.console import Console
+
+    from drivesim.pipeline.data import parse_size, simulate
 
     command = shlex.join(["drivesim", "data", "simulate", "--out", str(out), "--clips", str(clips), "--frames",
                           str(frames), "--size", size, "--seed", str(seed), "--workers", str(workers),
@@ -155,7 +145,7 @@ def simulate_cmd(
                           "--traffic-density", str(traffic_density), "--map", map_blocks])
     console = Console(stderr=True)
     with console.status("rendering with MetaDrive") as status:
-        simulate(out, clips, frames, _parse_size(size), seed, workers, night_fraction, warmup=warmup,
+        simulate(out, clips, frames, parse_size(size), seed, workers, night_fraction, warmup=warmup,
                  traffic_density=traffic_density, map_blocks=map_blocks, command=command,
                  progress=lambda msg: status.update(f"rendering with MetaDrive: {msg}"))
     typer.echo(f"{out}: wrote {clips} clips of {frames} frames")
@@ -173,7 +163,7 @@ def preview_cmd(
 
     Example: drivesim data preview data/sample --out preview.png
     """
-    from drivesim.datasets.preview import preview
+    from drivesim.pipeline.data import preview
 
     preview(path, out, clip or None, frame, scale)
     typer.echo(f"{out}: written")
@@ -193,14 +183,7 @@ def filmstrip_cmd(
 
     Example: drivesim data filmstrip runs/rollout --at 0 --at 300 --at 596 --out filmstrip.png
     """
-    from drivesim.datasets.clips import read_annotation, read_manifest
-    from drivesim.datasets.preview import filmstrip
+    from drivesim.pipeline.data import filmstrip_clip
 
-    from drivesim.errors import DataError
-
-    manifest = read_manifest(path)
-    entries = [c for c in manifest.clips if clip is None or c.clip_id == clip]
-    if not entries:
-        raise DataError(f"{manifest.root / 'manifest.json'}: --clip: unknown clip id {clip!r}")
-    filmstrip(entries[0].video, read_annotation(entries[0].annotation), at, out, frames, step, scale)
+    filmstrip_clip(path, out, at, clip, frames, step, scale)
     typer.echo(f"{out}: written")

@@ -22,7 +22,7 @@ def export_cmd(
     """
     import shlex
 
-    from drivesim.datasets.export import export_dataset
+    from drivesim.pipeline.data import export_dataset
 
     command = shlex.join(["drivesim", "export", str(source), "--format", fmt, "--out", str(out), "--every",
                           str(every), "--image-format", image_format])

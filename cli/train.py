@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from pathlib import Path
 
 import typer
-from drivesim.cli.stages import STAGE_NAMES, get_stage, parse_opts
 
-from drivesim.configs import Preset, TrainConfig, dump_yaml, get_preset, load_yaml, override
-from drivesim.errors import ConfigError
+from drivesim.pipeline.stages import STAGE_NAMES
+from drivesim.pipeline.train import resolve_preset, train_stage, with_train_overrides
 
 EPILOG = """\
 Examples, one process (CPU or one GPU):
@@ -48,31 +45,6 @@ FSDP / DeepSpeed: run `accelerate config`, then `accelerate launch`.
 """
 
 
-def resolve_preset(stage: str, preset: str | None, config: Path | None, sets: list[str]) -> Preset:
-    """Preset from `--preset` or `--config`, then the `--set key=value` overrides.
-
-    `--set train.X=V` is shorthand for `train.<stage>.X=V`; other keys are dotted paths into the preset, e.g.
-    `autoencoder.kl_weight=1e-6`, `prediction.unet.dropout=0.1`.
-
-    Raises:
-        ConfigError: neither/both of --preset and --config, unknown preset, bad YAML, unknown key.
-    """
-    if (preset is None) == (config is None):
-        raise ConfigError("train: give exactly one of --preset NAME or --config FILE.yaml")
-    cfg = get_preset(preset) if preset is not None else load_yaml(Preset, config)
-    if stage not in cfg.train:
-        raise ConfigError(f"{config or 'preset ' + str(preset)}: train.{stage}: no training config for this stage")
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: {item!r}: expected key=value")
-        parts = key.split(".")
-        if parts[0] == "train" and len(parts) == 2:
-            key = f"train.{stage}.{parts[1]}"
-        cfg = override(cfg, key, raw)
-    return cfg
-
-
 def train_cmd(
     stage: str = typer.Argument(..., help=f"Stage to train: {', '.join(STAGE_NAMES)}."),
     preset: str = typer.Option(None, "--preset", "-p", help="Preset: tiny, cpu-small, paper-512x1024."),
@@ -94,32 +66,12 @@ def train_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train STAGE of the Video LDM stack; writes checkpoints to OUT/checkpoints and exports OUT/model(-ema)."""
-    import torch
-
-    from drivesim.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
-    from drivesim.training.loop import train, validate_train_config
-
-    spec = get_stage(stage)
     cfg = resolve_preset(stage, preset, config, sets)
-    if init_from is not None and not (init_from / "config.json").is_file():
-        raise ConfigError(f"{init_from}: --init-from: no exported checkpoint here (config.json missing)")
-    flags = {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
-             "mixed_precision": mixed_precision, "init_from": str(init_from) if init_from is not None else None}
-    tc: TrainConfig = dataclasses.replace(cfg.train[stage], **{k: v for k, v in flags.items() if v is not None})
-    validate_train_config(tc)
-    cfg = dataclasses.replace(cfg, train={**cfg.train, stage: tc})
-    stage_opts = parse_opts(spec, opts)
-    if not data.exists():
-        raise ConfigError(f"{data}: --data: no such file or folder")
-    if not resume and latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
-        raise ConfigError(f"{out}: --no-resume: folder already holds checkpoints; resume or choose another --out")
-
-    torch.manual_seed(tc.seed)
-    model, dataset, collate_fn = spec.build(cfg, data, **stage_opts)
-    if int(os.environ.get("RANK", "0")) == 0:
-        dump_yaml(cfg, out / f"config-{stage}.yaml")
-    result = train(model, dataset, tc, out, collate_fn=collate_fn, resume=resume, progress=progress,
-                   allow_config_change=allow_config_change)
+    cfg = with_train_overrides(cfg, stage, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
+                               mixed_precision=mixed_precision,
+                               init_from=str(init_from) if init_from is not None else None)
+    result = train_stage(stage, cfg, data, out, opts=opts, resume=resume, progress=progress,
+                         allow_config_change=allow_config_change)
     typer.echo(f"{stage}: step {result.step} ({result.stop_reason}), {result.steps_per_s:.2f} steps/s; "
                f"model: {result.export_dir}; EMA: {result.ema_export_dir}")
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,8 @@ import numpy as np
 from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
 
-from drivesim.errors import DataError, WriteError
+from drivesim.atomic import atomic_path, write_bytes_atomic, write_json_atomic  # noqa: F401  (re-exported)
+from drivesim.errors import DataError
 
 FORMAT = "drivesim-clips"
 FORMAT_VERSION = 1
@@ -135,9 +134,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20)
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"H.264 yuv420p needs even frame sizes, got {w}x{h}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.mp4")
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:  # PyAV's file-system errors are OSErrors: WriteError
         with av.open(str(tmp), mode="w") as container:
             from fractions import Fraction
 
@@ -149,11 +146,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20)
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    except OSError as e:  # PyAV's errors from the file system are OSErrors too
-        raise WriteError.from_os(path, e) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
@@ -374,38 +366,6 @@ def read_annotation(path: str | Path, problems: list[str] | None = None) -> Clip
     """
     path = Path(path)
     return annotation_from_json(read_json(path, "annotation"), path, problems)
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder + rename: readers never see half a file, and a
-    failed write leaves nothing behind. The file gets the usual permissions (0o666 minus the umask).
-
-    Raises:
-        WriteError: the folder is missing or read-only, the disk is full, an I/O error (names `path`).
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise WriteError.from_os(path, e) from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to `path` atomically (`write_bytes_atomic`). Raises WriteError naming `path`."""
-    write_bytes_atomic(path, json.dumps(data, indent=1).encode())
 
 
 def write_clip(dataset_dir: str | Path, frames: np.ndarray, annotation: ClipAnnotation) -> tuple[Path, Path]:

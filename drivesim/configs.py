@@ -15,7 +15,6 @@ Each model's config block is owned by the module that implements the model; the 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -471,11 +470,11 @@ def dump_yaml(cfg: Any, path: str | Path) -> Path:
     """Write dataclass `cfg` (e.g. a `Preset` or `TrainConfig`) as YAML to `path`, atomically (temp + rename)."""
     import yaml
 
+    from drivesim.atomic import write_bytes_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None).encode())
     return path
 
 

@@ -1,5 +1,8 @@
 """Model class registry: maps the `model_class` name stored in a checkpoint's config.json to a class.
 
+A leaf: model modules import it and register into it; it imports no model. Whoever looks a class up by name
+(`drivesim.training.checkpoint.load_model`) imports `drivesim.models` first, so every built-in model is registered.
+
 A registered class takes its config dataclass as the only constructor argument and keeps it as `.config`,
 so `drivesim.load(path)` can rebuild any model from its checkpoint without pickles or reflection on YAML.
 """
@@ -34,13 +37,11 @@ def register_model(name: str, config_class: type) -> Callable[[type], type]:
 
 
 def get_model_class(name: str, source: str = "config.json") -> Any:
-    """Return the class registered under `name`, importing the model modules first.
+    """Return the class registered under `name` (the caller has imported the modules that register).
 
     Raises:
         CheckpointError: `name` is not a known model class (message names `source` and the field).
     """
-    import drivesim.models  # noqa: F401  (imports every model module so they register)
-
     try:
         return MODEL_REGISTRY[name]
     except KeyError:

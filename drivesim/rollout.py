@@ -18,7 +18,7 @@ Pipeline (Video LDM sec. 3 / LVDM sec. 3.3; SPEC "Rollout"):
 
 The boxes of every output frame come from the conditioning source (the scenario resampled to the output frame
 rate), so they are the labels of the generated video. This module takes the conditioning as a callable and
-never reads scenario files itself (`drivesim.cli.rollout` does, with `drivesim.datasets.scenario`).
+never reads scenario files itself (`drivesim.pipeline.rollout` does, with `drivesim.datasets.scenario`).
 
 Streaming and memory: work proceeds in units (unit 0: the image-LDM frame; unit u >= 1: one prediction clip and
 everything it makes final: its interpolation windows, the decode windows whose latents are complete, the
@@ -28,7 +28,7 @@ playable mp4 per unit, written by the caller's `segment_writer`), and then the s
 `state-<n>.safetensors`, then `state.json` naming it, each temp file + rename: one atomic commit). The working
 set is the context window, the key frames not yet interpolated, the latents of the current decode window and the
 cross-fade partial sums: it does not grow with the rollout length. The final mp4 is assembled from the segments
-at the end (`drivesim.cli.rollout`).
+at the end (`drivesim.pipeline.rollout`).
 
 Resume: every unit draws its noise from its own generator seeded with (seed, unit index) (`unit_generator`),
 and the state holds everything later units read, so a rollout killed at any point and resumed produces the same

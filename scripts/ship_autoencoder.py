@@ -39,10 +39,10 @@ def main() -> None:
 
     src = args.run / "model-ema" if (args.run / "model-ema" / "config.json").is_file() else args.run / "model"
     model = load_model(src, AutoencoderKL)
-    from drivesim.cli.encode import _train_frames
+    from drivesim.pipeline.encode import train_frames
 
     h, w = (128, 256)
-    scale = compute_scale_factor(model, _train_frames(args.data, (h, w), args.scale_frames, 16, "cpu"), sample=False)
+    scale = compute_scale_factor(model, train_frames(args.data, (h, w), args.scale_frames, 16, "cpu"), sample=False)
     model.set_scale_factor(scale)
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)

@@ -370,10 +370,10 @@ def test_checkpoint_round_trip_through_registry(ae, tmp_path):
         z = torch.randn(1, 3, 4, H // 8, W // 8)
         assert torch.equal(v2.decode(z), video.decode(z))
         assert v2.attach_to(loaded) is v2
-        again = VideoAutoencoder.from_image(tmp_path / "ae")
+        again = VideoAutoencoder.from_image(drivesim.load(tmp_path / "ae"))
         assert again.config.scale_factor == 0.5
         with pytest.raises(CheckpointError):
-            VideoAutoencoder.from_image(tmp_path / "video")
+            VideoAutoencoder.from_image(drivesim.load(tmp_path / "video"))
     finally:
         ae.set_scale_factor(1.0)
 

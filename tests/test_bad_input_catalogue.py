@@ -422,9 +422,7 @@ CASES: list[Case] = [
     # absurd sizes, refused up front with the limit named (MemoryError or a traceback after minutes of work)
     Case("rollout --minutes 1e9", lambda tmp: ["rollout", "--scenario", str(tmp / "scn.json"), "--ckpt-dir",
                                                str(tmp / "stack"), "--minutes", "1e9", "--out", str(tmp / "out")],
-         "--minutes", "1e9 exceeds the limit of 60",
-         known_bug="drivesim.pipeline.rollout.rollout_scenarios must call drivesim.rollout.check_rollout_length "
-                   "before loading the models (the stack is read first: 'not a checkpoint folder')"),
+         "--minutes", "1e9 exceeds the limit of 60"),
     Case("scenario --minutes 1e9", lambda tmp: ["scenario", "from-clip", f"{tmp / 'ds'}:clip_0000", "--out",
                                                 str(tmp / "s.json"), "--minutes", "1e9", "--extend", "loop"],
          "scenario", r"600000000000 frames \(1e9 minutes at 10 fps\) exceeds the limit of 432000 frames"),

@@ -170,7 +170,7 @@ def test_demo_rerun_reuses_finished_stages_and_from_stage_reruns(demo_run, capsy
     assert after["report"]["finished"] >= before["report"]["finished"] and (out / "report.html").is_file()
 
     # a changed budget invalidates that stage and everything after it, nothing before it (checked, not run)
-    from drivesim.cli.demo import DEMO_DEFAULTS, Demo, DemoSettings
+    from drivesim.pipeline.demo import DEMO_DEFAULTS, Demo, DemoSettings
 
     d = DEMO_DEFAULTS["tiny"]
     settings = DemoSettings(data=data, preset_name="tiny", out=out, from_stage=None, budgets={"prediction": 1.0},
@@ -211,7 +211,7 @@ def test_demo_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
 def test_demo_budgets_are_step_counts_by_default(tmp_path):
     # wall-clock budgets made the demo's models depend on machine load (150 vs 56 autoencoder steps): the default
     # budget is a number of optimizer steps; --budget-minutes only adds a limit when asked for
-    from drivesim.cli.demo import DEFAULT_STEPS, DEMO_DEFAULTS, Demo, DemoSettings, parse_budgets
+    from drivesim.pipeline.demo import DEFAULT_STEPS, DEMO_DEFAULTS, Demo, DemoSettings, parse_budgets
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, clips=2, frames=4)

@@ -204,6 +204,26 @@ def test_pinned_sampler_loop(sampler, scale):
     np.testing.assert_allclose(got, PINNED[(sampler, scale)], rtol=1e-4, atol=1e-4)
 
 
+def test_pre_step_and_callback_hooks():
+    den = Denoiser(_TinyNet().eval(), CFG)
+    seen, pre = [], []
+
+    def pre_step(x, t):
+        pre.append(int(t[0]))
+        return x
+
+    base = sample(den, (2, 2, 4, 6, 8), _cond(2, t=2), steps=5, generator=torch.Generator().manual_seed(3))
+    out = sample(den, (2, 2, 4, 6, 8), _cond(2, t=2), steps=5, generator=torch.Generator().manual_seed(3),
+                 pre_step=pre_step, callback=lambda d: seen.append((d["i"], int(d["t"]), d["x"].clone())))
+    assert torch.equal(out, base)  # identity hook, observing callback: the same trajectory
+    assert [i for i, _, _ in seen] == list(range(5)) and [t for _, t, _ in seen] == pre
+    assert pre == sorted(pre, reverse=True) and torch.equal(seen[-1][2], out)
+    # a hook that changes x changes the result (it is applied, not only called)
+    zeroed = sample(den, (2, 2, 4, 6, 8), _cond(2, t=2), steps=5, generator=torch.Generator().manual_seed(3),
+                    pre_step=lambda x, t: torch.zeros_like(x))
+    assert not torch.allclose(zeroed, base)
+
+
 def test_bad_sampler_and_steps_raise():
     den = Denoiser(lambda x, t, c: x, CFG)
     with pytest.raises(ConfigError, match="sampler"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from drivesim.bbox_conditioning.boxes import pack_boxes
 from drivesim.cli.main import main
-from drivesim.cli.sample import read_boxes_json
 
 from drivesim.configs import get_preset
 from drivesim.errors import DataError
 from drivesim.models.image_ldm import ImageLDM
+from drivesim.pipeline.sample import read_boxes_json
 from drivesim.registry import get_model_class
 from drivesim.training.checkpoint import load_model, save_model
 from drivesim.types import Conditioning

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from drivesim.cli.demo import to_dict_cfg
 from drivesim.datasets.clips import load_clip, read_manifest
 from safetensors import safe_open
 
 from drivesim.configs import get_preset
+from drivesim.pipeline.demo import to_dict_cfg
 from drivesim.pretrained import CARD_NAME, model_card, shipped_checkpoint, shipped_detector_for
 from drivesim.training.checkpoint import load_model
 
@@ -68,12 +68,12 @@ def test_shipped_detector_is_tied_to_the_data_it_was_trained_on(tmp_path):
 
 def test_demo_installs_shipped_checkpoints_and_from_scratch_trains(tmp_path, monkeypatch):
     # the demo's choice, on tiny stand-ins: shipped autoencoder + image LDM (tied by the card's autoencoder sha256)
-    from drivesim.cli.demo import DEMO_DEFAULTS, Demo, DemoSettings
     from drivesim.datasets.clips import write_synthetic_dataset
 
     import drivesim.pretrained as pretrained
     from drivesim.autoencoder import AutoencoderKL
     from drivesim.models.image_ldm import ImageLDM
+    from drivesim.pipeline.demo import DEMO_DEFAULTS, Demo, DemoSettings
     from drivesim.training.checkpoint import save_model
 
     tiny = get_preset("tiny")

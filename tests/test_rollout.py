@@ -120,8 +120,7 @@ def test_unit_generators_are_independent_of_order():
 
 
 def test_streamed_decode_equals_one_shot_decode(stack, tmp_path, request):
-    from drivesim.cli.rollout import make_cond_fn, prepare_scenario
-
+    from drivesim.pipeline.rollout import make_cond_fn, prepare_scenario
     from drivesim.rollout import Rollout, to_uint8
 
     ckpt, scen = stack
@@ -305,9 +304,8 @@ def test_labels_follow_the_rollout_resolution(stack, tmp_path):
 def test_kill_between_the_two_state_writes_still_resumes(stack, tmp_path, monkeypatch, request):
     # the state is a tensors file and state.json; a kill after the first write and before the second left a pair
     # no resume could read ("tensors_sha256: does not match state.json"). Simulate that kill, resume, compare.
-    from drivesim.cli.rollout import make_cond_fn, prepare_scenario
-
     import drivesim.rollout as rollout_module
+    from drivesim.pipeline.rollout import make_cond_fn, prepare_scenario
     from drivesim.rollout import Rollout
 
     ckpt, scen = stack

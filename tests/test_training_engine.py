@@ -343,7 +343,7 @@ def load_yaml_text(text: str, tmp_path: Path) -> dict:
 
 
 def test_train_cli_smoke_and_bad_input(capsys, tmp_path, monkeypatch):
-    from drivesim.cli import stages
+    from drivesim.pipeline import stages
 
     seen = {}
 

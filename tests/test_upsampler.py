@@ -153,3 +153,25 @@ def test_noise_augmentation_is_the_closed_form_at_g_above_zero(tiny):
     assert torch.equal(cond.context_noise_level, levels)
     assert (cond.context_latents[1:] - F.interpolate(lowres[1:].flatten(0, 1), size=(32, 64), mode="bilinear")
             .view(2, 2, 3, 32, 64)).abs().mean() > 0.05  # g > 0 really adds noise
+
+
+# Pinned (sum, std) of the chunked upsampling loop through `drivesim.diffusion.sample` (5 frames in chunks of 4,
+# noise level 30, 3 steps); computed with the loop's earlier hand-written copy and unchanged by moving it into the
+# shared loop. Tolerance: other CPUs' kernels change the last bits.
+PINNED_UPSAMPLE = {"ddim": (1262.96277, 0.5708685), "dpmpp": (1265.92993, 0.5897254)}
+
+
+@pytest.mark.parametrize("sampler", list(PINNED_UPSAMPLE))
+def test_pinned_upsampling_loop(sampler):
+    torch.manual_seed(0)
+    model = Upsampler(get_preset("tiny").upsampler).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mix_factor" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    low = torch.rand(1, 5, 3, 8, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    out = model.upsample(low, noise_level=30, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(9))
+    import numpy as np
+
+    np.testing.assert_allclose([out.sum().item(), out.std().item()], PINNED_UPSAMPLE[sampler], rtol=1e-4, atol=1e-4)

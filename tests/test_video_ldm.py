@@ -438,3 +438,24 @@ def test_train_stages_smoke(tmp_path):
             assert torch.equal(spatial[k], v), k
     assert main(["train", "prediction", "--preset", "tiny", "--data", str(cache), "--out",
                  str(tmp_path / "x")]) == 1
+
+
+# Pinned (sum, std) of the whole video sampling loop through `drivesim.diffusion.sample` (context frames replaced
+# by their noised clean latents before every step, label CFG 2 and context guidance 1.5 at 4 steps). Computed with
+# the loop's earlier hand-written copy in this model and unchanged by moving it into the shared loop. Tolerance:
+# other CPUs' GEMM kernels change the last bits.
+PINNED_VIDEO = {"ddim": (57.52534, 0.8045847), "dpmpp": (58.86937, 0.8283123)}
+
+
+@pytest.mark.parametrize("sampler", list(PINNED_VIDEO))
+def test_pinned_video_sampling_loop(sampler):
+    torch.manual_seed(0)
+    model = PredictionLDM(TINY.prediction).eval()
+    _randomize(model, 3, 0.1)
+    ctx = torch.randn(2, 4, 4, H, W, generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    out = model.sample(_cond(2, 4), (H, W), context_latents=ctx, context_mask=mask, steps=4, sampler=sampler,
+                       guidance_scale=2.0, context_guidance=1.5, context_noise_level=100,
+                       generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out[mask], ctx[mask])
+    np.testing.assert_allclose([out.sum().item(), out.std().item()], PINNED_VIDEO[sampler], rtol=1e-4, atol=1e-4)

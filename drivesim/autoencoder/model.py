@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -606,24 +605,20 @@ class VideoAutoencoder(AutoencoderKL):
         return self
 
     @classmethod
-    def from_image(cls, image_ae: AutoencoderKL | str | Path, **overrides: Any) -> VideoAutoencoder:
-        """Build the video autoencoder from a trained image autoencoder (a model or a checkpoint folder).
+    def from_image(cls, image_ae: AutoencoderKL, **overrides: Any) -> VideoAutoencoder:
+        """Build the video autoencoder from a trained image autoencoder (load a checkpoint with
+        `drivesim.load(path)` first; the model layer never reads checkpoint files).
 
         Encoder and decoder weights (and scale_factor) are copied; the temporal layers start as identity (zero
         init) and the video discriminator is new. `overrides` replace AutoencoderConfig fields (e.g.
         `temporal_merge`, `video_train_spatial`, `disc_start`).
 
         Raises:
-            CheckpointError: the checkpoint is not an image autoencoder, or its latent channels disagree with
-                an explicit `latent_channels` override.
+            CheckpointError: `image_ae` is not an image autoencoder, or its latent channels disagree with an
+                explicit `latent_channels` override.
         """
         source = "image autoencoder"
-        if not isinstance(image_ae, AutoencoderKL):
-            from drivesim.training.checkpoint import load_model
-
-            source = str(image_ae)
-            image_ae = load_model(image_ae, expected_class="autoencoder_kl")
-        if isinstance(image_ae, VideoAutoencoder):
+        if not isinstance(image_ae, AutoencoderKL) or isinstance(image_ae, VideoAutoencoder):
             raise CheckpointError(f"{source}: model_class: already a video autoencoder")
         want = overrides.get("latent_channels", image_ae.config.latent_channels)
         if want != image_ae.config.latent_channels:

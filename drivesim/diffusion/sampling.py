@@ -1,7 +1,12 @@
-"""Sampling loop: diffusers sampler steps around a `Denoiser` and a `Guidance`."""
+"""The sampling loop: diffusers sampler steps around a `Denoiser` and a `Guidance`.
+
+The one reverse-process loop of drivesim: the image LDM, the video LDMs (context frames through `pre_step`) and
+the upsampler all sample through `sample`. `callback` observes each step (k-diffusion's `callback`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +28,8 @@ def sample(
     x_T: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    pre_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """Draw samples x_0 of `shape` (e.g. (b, t, 4, h, w) scaled latents) by the reverse process.
 
@@ -36,6 +43,10 @@ def sample(
         generator: CPU generator for the initial noise (reproducible across devices); noise is drawn on CPU
             and moved to `device`.
         x_T: optional initial noise of `shape` (overrides the generator).
+        pre_step: `(x_t, t) -> x_t` applied before each network call, t (b,) int64: e.g. the video models
+            replace their context frames by the clean context noised to t (LVDM's replacement conditioning).
+        callback: called after each step with {"i", "t", "x" (x after the step), "model_output"}; for progress
+            bars and inspecting trajectories, not for changing them.
     Returns:
         (shape) tensor of `dtype` on `device`.
 
@@ -48,8 +59,12 @@ def sample(
         x_T = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
     x = x_T.to(device=device, dtype=dtype) * stepper.init_noise_sigma
     guidance = guidance or Guidance()
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         t_batch = repeat(t.to(device=device, dtype=torch.int64), " -> b", b=shape[0])
+        if pre_step is not None:
+            x = pre_step(x, t_batch)
         out = guidance(denoiser.predict, x, t_batch, cond)
         x = stepper.step(out, t, x, generator=generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "model_output": out})
     return x

@@ -29,7 +29,8 @@ from einops import rearrange, repeat
 from torch import nn
 
 from drivesim.configs import UpsamplerConfig
-from drivesim.diffusion import Denoiser, Guidance
+from drivesim.diffusion import Denoiser
+from drivesim.diffusion import sample as run_sampler
 from drivesim.diffusion.schedule import check_diffusion_config
 from drivesim.errors import ConfigError, DataError
 from drivesim.nn.blocks import timestep_embedding
@@ -223,13 +224,8 @@ class Upsampler(nn.Module):
         for start in range(0, t, chunk):
             low = video_lowres[:, start:start + chunk].to(device=device, dtype=torch.float32)
             cond = self.condition(low, size, level, generator=generator)
-            stepper = self.denoiser.schedule.make_sampler(sampler or d.sampler)
-            timesteps = stepper.set_timesteps(steps or d.num_inference_steps, device=device)
-            x = torch.randn((b, low.shape[1], 3, *size), generator=generator, dtype=torch.float32).to(device)
-            x = x * stepper.init_noise_sigma
-            guidance = Guidance()
-            for step_t in timesteps:
-                t_batch = torch.full((b,), int(step_t), dtype=torch.int64, device=device)
-                x = stepper.step(guidance(self.denoiser.predict, x, t_batch, cond), step_t, x)
-            out.append(x)
+            shape = (b, low.shape[1], 3, *size)
+            x_T = torch.randn(shape, generator=generator, dtype=torch.float32)
+            out.append(run_sampler(self.denoiser, shape, cond, sampler=sampler or d.sampler,
+                                   steps=steps or d.num_inference_steps, x_T=x_T, device=device))
         return torch.cat(out, dim=1)

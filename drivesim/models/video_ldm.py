@@ -43,6 +43,7 @@ from torch import nn
 
 from drivesim.configs import VideoLDMConfig
 from drivesim.diffusion import Denoiser, Guidance, GuidanceTerm, drop_conditions
+from drivesim.diffusion import sample as run_sampler
 from drivesim.diffusion.schedule import check_diffusion_config
 from drivesim.errors import ConfigError, DataError
 from drivesim.registry import register_model
@@ -229,7 +230,7 @@ class VideoLDM(nn.Module):
         b, t = cond.batch_size, cond.num_frames
         shape = (b, t, self.config.unet.out_channels, *latent_size)
         cond = cond.to(device)
-        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        x = torch.randn(shape, generator=generator, dtype=torch.float32)  # on the CPU: the same on every device
         if context_mask is None:
             context_mask = torch.zeros(b, t, dtype=torch.bool)
         mask = context_mask.to(device=device, dtype=torch.bool)
@@ -251,15 +252,12 @@ class VideoLDM(nn.Module):
         m5 = rearrange(mask, "b t -> b t 1 1 1")
         # without context frames the context-dropped call is the conditional call itself: skip it
         guidance = self.guidance(guidance_scale, context_guidance if has_context else 1.0)
-        stepper = self.denoiser.schedule.make_sampler(sampler or d.sampler)
-        timesteps = stepper.set_timesteps(steps or d.num_inference_steps, device=device)
-        x = x * stepper.init_noise_sigma
-        for step_t in timesteps:
-            t_batch = torch.full((b,), int(step_t), dtype=torch.int64, device=device)
-            if has_context:
-                x = torch.where(m5, self.denoiser.schedule.add_noise(ctx, ctx_noise, t_batch), x)
-            out = guidance(self.denoiser.predict, x, t_batch, cond)
-            x = stepper.step(out, step_t, x)
+
+        def replace_context(x_t: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
+            return torch.where(m5, self.denoiser.schedule.add_noise(ctx, ctx_noise, t_batch), x_t)
+
+        x = run_sampler(self.denoiser, shape, cond, sampler=sampler or d.sampler, steps=steps or d.num_inference_steps,
+                        guidance=guidance, x_T=x, device=device, pre_step=replace_context if has_context else None)
         if has_context:
             x = torch.where(m5, ctx, x)
         return x

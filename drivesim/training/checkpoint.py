@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from drivesim.atomic import replace_dir
 from drivesim.configs import FORMAT_VERSION, ConfigError, from_dict, to_dict
 from drivesim.errors import CheckpointError, WriteError
 
@@ -292,6 +293,7 @@ def load_model(path: str | Path, expected_class: str | type | None = None, *, em
         CheckpointError: missing config.json or weights, newer format_version, another model class, an unknown
             model class, corrupt safetensors, a pickle payload, or tensors that do not fit the config.
     """
+    import drivesim.models  # noqa: F401  (every built-in model module registers on import)
     from drivesim.registry import get_model_class
 
     folder = Path(path)
@@ -358,14 +360,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
     _fsync_dir(final.parent)
 
 

@@ -66,7 +66,7 @@ def get_stage(name: str) -> StageSpec:
         return STAGES[name]
     if name in STAGE_NAMES:
         ready = ", ".join(s for s in STAGE_NAMES if s in STAGES) or "none"
-        raise ConfigError(f"stage: {name!r} has no training builder registered yet in drivesim.cli.stages "
+        raise ConfigError(f"stage: {name!r} has no training builder registered yet in drivesim.pipeline.stages "
                           f"(available: {ready})")
     raise ConfigError(f"stage: unknown stage {name!r} (stages: {', '.join(STAGE_NAMES)})")
 
@@ -107,9 +107,8 @@ def _positive_int(name: str, text: str) -> int:
                 options={"hflip": "probability of mirroring a sample (default 0.5)"})
 def build_autoencoder(preset, data_path, hflip: str = "0.5"):
     """`AutoencoderKL(preset.autoencoder)` + single train frames (t = 1) resized to `preset.resolution`."""
-    from drivesim.datasets.torch_data import FrameDataset
-
     from drivesim.autoencoder import AutoencoderKL
+    from drivesim.datasets.torch_data import FrameDataset
 
     try:
         p = float(hflip)
@@ -136,15 +135,16 @@ def build_video_decoder(preset, data_path, autoencoder: str | None = None, frame
     """`VideoAutoencoder.from_image(autoencoder)`: architecture, weights and scale factor from the checkpoint;
     the temporal/loss fields listed in `_VIDEO_DECODER_FIELDS` from `preset.autoencoder`; clips of `frames`
     frames resized to `preset.resolution`."""
-    from drivesim.datasets.torch_data import ClipDataset
-
     from drivesim.autoencoder import VideoAutoencoder
+    from drivesim.datasets.torch_data import ClipDataset
+    from drivesim.training.checkpoint import load_model
 
     if not autoencoder:
         raise ConfigError("--opt: autoencoder: required for the video_decoder stage (the trained image "
                           "autoencoder, e.g. --opt autoencoder=runs/ae/model)")
     cfg = preset.autoencoder
-    model = VideoAutoencoder.from_image(autoencoder, **{k: getattr(cfg, k) for k in _VIDEO_DECODER_FIELDS})
+    image_ae = load_model(autoencoder, expected_class="autoencoder_kl")
+    model = VideoAutoencoder.from_image(image_ae, **{k: getattr(cfg, k) for k in _VIDEO_DECODER_FIELDS})
     num_frames = _positive_int("frames", frames) if frames else model.config.decode_chunk_frames
     dataset = ClipDataset(data_path, "train", num_frames=num_frames, size=tuple(preset.resolution), hflip_p=0.5)
     return model, dataset, None
@@ -167,7 +167,6 @@ def _tensor_collate(samples: list[dict]) -> dict:
 def build_image_ldm(preset, data_path, frames: str = "1"):
     """Image LDM (`preset.image_ldm`) + `LatentClipDataset(data_path, "train")` windows of `frames` frames."""
     from drivesim.datasets.latent_cache import LatentClipDataset
-
     from drivesim.models.image_ldm import ImageLDM
 
     try:
@@ -238,7 +237,6 @@ def build_prediction(preset, data_path, image_ldm: str | None = None):
     """`PredictionLDM.from_image_ldm` + `LatentClipDataset` windows of `prediction.num_frames` frames every
     `prediction.frame_stride` source frames."""
     from drivesim.datasets.latent_cache import LatentClipDataset
-
     from drivesim.models.video_ldm import PredictionLDM
 
     cfg = dataclasses.replace(preset.prediction, data_fps=_cache_fps(data_path),
@@ -254,7 +252,6 @@ def build_prediction(preset, data_path, image_ldm: str | None = None):
 def build_interpolation(preset, data_path, image_ldm: str | None = None):
     """`InterpolationLDM.from_image_ldm` + `InterpolationWindows` (both stages, with their stage label)."""
     from drivesim.datasets.keyframes import InterpolationWindows
-
     from drivesim.models.video_ldm import InterpolationLDM
 
     cfg = dataclasses.replace(preset.interpolation, data_fps=_cache_fps(data_path),
@@ -275,7 +272,6 @@ def build_upsampler(preset, data_path, frames: str | None = None, size: str | No
     """`Upsampler(preset.upsampler)` + `ClipDataset` clips of `frames` frames (hflip 0.5); the model crops random
     `upsampler.patch_size` patches and makes the low resolution by area downsampling."""
     from drivesim.datasets.torch_data import ClipDataset
-
     from drivesim.models.upsampler import Upsampler
 
     cfg = preset.upsampler
