@@ -1,13 +1,14 @@
 """The `drivesim` command: a typer app whose command groups live in sibling modules.
 
 Errors from bad user input (`DrivesimError`) and anticipated failures of the machine (`OSError`: a full or
-read-only disk, a file where a folder is needed; `MemoryError`; `RecursionError` from absurdly nested input)
-print as one red line and exit with status 1; `--debug` (anywhere on the command line) shows the traceback
-instead.
+read-only disk, a file where a folder is needed; `MemoryError` and torch's allocation failures, which are
+RuntimeErrors; `RecursionError` from absurdly nested input) print as one red line and exit with status 1;
+`--debug` (anywhere on the command line) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -93,13 +94,33 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         if debug:
             raise
-        return _one_line("out of memory: the request is larger than this machine holds (a shorter video, fewer "
-                         "frames or a smaller batch)")
+        return _one_line(OUT_OF_MEMORY)
+    except RuntimeError as e:  # torch reports a failed allocation (CPU or GPU) as a RuntimeError
+        if debug or not _is_out_of_memory(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", str(e))
+        tried = "" if size is None else f"; it tried to allocate {size.group(2) or _gib(int(size.group(1)))}"
+        return _one_line(OUT_OF_MEMORY + tried)
     except RecursionError:
         if debug:
             raise
         return _one_line("input nested too deeply to read (a config or JSON file with hundreds of nested levels)")
     return rc if isinstance(rc, int) else 0
+
+
+OUT_OF_MEMORY = ("out of memory: the request is larger than this machine holds (a shorter video, fewer frames or "
+                 "samples, or a smaller batch)")
+
+
+def _is_out_of_memory(e: RuntimeError) -> bool:
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    text = str(e)
+    return (oom is not None and isinstance(e, oom)) or "can't allocate memory" in text or "out of memory" in text
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _one_line(message: str) -> int:

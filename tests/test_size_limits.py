@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -47,3 +48,26 @@ def test_scenario_extension_is_refused_before_building_the_frames():
     with pytest.raises(ConfigError, match=rf"^scenario: 600000000000 frames \(1e9 minutes at 10 fps\) exceeds the "
                                           rf"limit of {MAX_SCENARIO_FRAMES} frames"):
         extend(s, 600_000_000_000, "loop")
+
+
+def test_a_failed_torch_allocation_is_one_line(tmp_path, capsys):
+    # `sample-image -n 1e15` draws every sample at once (beyond any address space, even with overcommit); torch
+    # reports the failed allocation as a RuntimeError, which leaked as a traceback (a limit per command is better;
+    # this is the backstop)
+    import json
+
+    from drivesim.cli.main import main
+
+    from drivesim.configs import get_preset
+    from drivesim.models.image_ldm import ImageLDM
+    from drivesim.training.checkpoint import save_model
+
+    save_model(ImageLDM(get_preset("tiny").image_ldm), tmp_path / "ckpt")
+    (tmp_path / "boxes.json").write_text(json.dumps({"width": 64, "height": 32, "boxes": [
+        {"class": "car", "x1": 1, "y1": 2, "x2": 30, "y2": 20}]}))
+    capsys.readouterr()
+    assert main(["sample-image", "--ckpt", str(tmp_path / "ckpt"), "--boxes", str(tmp_path / "boxes.json"), "--out",
+                 str(tmp_path / "out"), "-n", str(10**15), "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: out of memory: .*; it tried to allocate [\d.]+ GiB", err), err
+    assert not (tmp_path / "out").exists()
