@@ -145,33 +145,24 @@ def test_checkpoint_from_before_a_field_existed_counts_it_as_default(tmp_path):
     assert check_resume_config(folder, _cfg()) == {}
 
 
-def _stage_registry():
-    # the registry moves from drivesim.cli to drivesim.pipeline; either serves the CLI
-    import importlib
-
-    try:
-        return importlib.import_module("drivesim.pipeline.stages")
-    except ModuleNotFoundError:
-        return importlib.import_module("drivesim.cli.stages")
-
-
 def test_cli_refuses_a_changed_lr_on_resume_unless_allowed(tmp_path, monkeypatch, capsys):
     from drivesim.cli.main import main
 
-    stages = _stage_registry()
+    from drivesim.pipeline import stages
+
     build = lambda preset, data_path: (toy.ToyModel(toy.ToyConfig()), toy.ToyDataset(16), None)  # noqa: E731
     monkeypatch.setitem(stages.STAGES, "autoencoder", stages.StageSpec("autoencoder", build, options={}))
     out = tmp_path / "run"
     args = ["train", "autoencoder", "--preset", "tiny", "--data", str(tmp_path), "--out", str(out), "--no-progress"]
     assert main([*args, "--max-steps", "2"]) == 0
-    checkpoints = _tree(out / "checkpoints")
+    before = _tree(out)
     capsys.readouterr()
     assert main([*args, "--max-steps", "4", "--set", "train.lr=5e-5"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
     assert re.search(r"^error: \S+step_000002/config\.json: train\.lr: changed from 0\.0001 to 5e-05 since this "
                      r"checkpoint; .*--allow-config-change", err), err
-    assert _tree(out / "checkpoints") == checkpoints
+    assert _tree(out) == before  # checkpoints, history and config-autoencoder.yaml as they were
     assert main([*args, "--max-steps", "4", "--set", "train.lr=5e-5", "--allow-config-change"]) == 0
     history = read_history(out)
     assert [(r["event"], r["train_config"]["lr"]) for r in history] == [("start", 1e-4), ("resume", 5e-5)]

@@ -74,11 +74,13 @@ def train_stage(stage: str, preset: Preset, data: Path, out: Path, *, opts: dict
 
     Raises:
         ConfigError: unknown stage or option, missing data, `resume=False` on a folder with checkpoints, an
-            invalid training config; DataError / CheckpointError from the stage's builder and the loop.
+            invalid training config, a resume that changes the optimisation without `allow_config_change=True`
+            (`drivesim.training.history`); DataError / CheckpointError from the stage's builder and the loop.
     """
     import torch
 
     from drivesim.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+    from drivesim.training.history import check_resume_config
     from drivesim.training.loop import train, validate_train_config
 
     spec = get_stage(stage)
@@ -88,8 +90,11 @@ def train_stage(stage: str, preset: Preset, data: Path, out: Path, *, opts: dict
     data, out = Path(data), Path(out)
     if not data.exists():
         raise ConfigError(f"{data}: --data: no such file or folder")
-    if not resume and latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
+    latest = latest_checkpoint(out / CHECKPOINTS_DIR)
+    if not resume and latest is not None:
         raise ConfigError(f"{out}: --no-resume: folder already holds checkpoints; resume or choose another --out")
+    if latest is not None:  # before config-<stage>.yaml is rewritten: a refused resume leaves the run as it was
+        check_resume_config(latest, tc, train_kwargs.get("allow_config_change", False))
     if tc.init_from is not None and not (Path(tc.init_from) / "config.json").is_file():
         raise ConfigError(f"{tc.init_from}: --init-from: no exported checkpoint here (config.json missing)")
 
