@@ -24,14 +24,19 @@ BoxTuple = tuple[int, int, float, float, float, float]
 class PackedBoxes(NamedTuple):
     """Padded box arrays of one clip (numpy; `torch.from_numpy` each field for tensors).
 
-    boxes (t, n, 4) float32 normalised xyxy; classes (t, n) int64; mask (t, n) bool; track_ids (t, n) int64
-    (-1 in padding slots).
+    boxes (t, n, 4) float32 normalised xyxy; classes (t, n) int64; box_mask (t, n) bool; track_ids (t, n) int64
+    (-1 in padding slots). The field names are the batch keys every model reads (`Conditioning.from_batch`).
     """
 
     boxes: np.ndarray
     classes: np.ndarray
-    mask: np.ndarray
+    box_mask: np.ndarray
     track_ids: np.ndarray
+
+    def as_batch(self, start: int = 0, stop: int | None = None) -> dict:
+        """Frames [start, stop) as a batch of one clip: {"boxes" (1, t, n, 4), "classes" (1, t, n), "box_mask"
+        (1, t, n), "track_ids" (1, t, n)} torch tensors (sharing memory with the arrays)."""
+        return {k: torch.from_numpy(getattr(self, k)[start:stop])[None] for k in self._fields}
 
 
 def pack_boxes(frames_boxes: Sequence[Sequence[BoxTuple]], width: int, height: int, max_boxes: int) -> PackedBoxes:

@@ -260,9 +260,10 @@ def parse_box(raw: Any, width: int, height: int, path: Path, where: str) -> tupl
 
 
 def parse_frame_boxes(raw_boxes: list, width: int, height: int, path: Path, k: int,
-                      problems: list[str] | None = None) -> tuple[list[Box], list[str]]:
-    """The boxes of frame `k` (clip annotations and scenarios share this one rule set): each validated by
-    `parse_box`, and a track id at most once per frame (a track id names one object).
+                      problems: list[str] | None = None, where: str | None = None) -> tuple[list[Box], list[str]]:
+    """The boxes of frame `k` (clip annotations, scenarios and sample-image's boxes.json share this one rule
+    set): each validated by `parse_box`, and a track id at most once per frame (a track id names one object).
+    `where` is the field path errors name (default `frames[k].boxes`).
 
     Returns:
         (boxes, notes of boxes clipped to the image).
@@ -275,11 +276,11 @@ def parse_frame_boxes(raw_boxes: list, width: int, height: int, path: Path, k: i
     notes: list[str] = []
     seen: set[str] = set()
     for j, rb in enumerate(raw_boxes):
-        where = f"frames[{k}].boxes[{j}]"
+        field = f"{where or f'frames[{k}].boxes'}[{j}]"
         try:
-            box, note = parse_box(rb, width, height, path, where)
+            box, note = parse_box(rb, width, height, path, field)
             if box.track_id in seen:
-                raise DataError(f"{path}: {where}.track_id: duplicate track id {box.track_id!r} in this frame")
+                raise DataError(f"{path}: {field}.track_id: duplicate track id {box.track_id!r} in this frame")
         except DataError as e:
             if problems is None:
                 raise

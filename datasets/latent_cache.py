@@ -177,7 +177,7 @@ class LatentCacheWriter:
             raise ValueError(f"clip {clip_id!r} already written")
         g = self.clips.create_group(clip_id)
         g.create_dataset("latents", data=latents.astype(self.dtype), chunks=latents.shape)
-        for name, arr in (("boxes", packed.boxes), ("classes", packed.classes), ("box_mask", packed.mask),
+        for name, arr in (("boxes", packed.boxes), ("classes", packed.classes), ("box_mask", packed.box_mask),
                           ("track_ids", packed.track_ids)):
             g.create_dataset(name, data=arr)
         g.attrs.update({"night": int(night), "crowdedness": int(crowdedness), "fps": float(fps), "split": split,

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
 from drivesim.datasets.clips import Box, ClipAnnotation, parse_frame_boxes, read_json, write_json_atomic
@@ -396,12 +395,8 @@ def to_tensors(scenario: Scenario, start: int, length: int, max_boxes: int) -> C
     Raises:
         ValueError: window outside the scenario, max_boxes < 1.
     """
-    p = pack(scenario, start, length, max_boxes)
-    return Conditioning(
-        boxes=torch.from_numpy(p.boxes)[None], classes=torch.from_numpy(p.classes)[None],
-        box_mask=torch.from_numpy(p.mask)[None], night=torch.tensor([scenario.night], dtype=torch.int64),
-        crowdedness=torch.tensor([scenario.crowdedness], dtype=torch.int64),
-    )
+    labels = {"night": [scenario.night], "crowdedness": [scenario.crowdedness]}
+    return Conditioning.from_batch(pack(scenario, start, length, max_boxes).as_batch() | labels, "scenario")
 
 
 def summary(scenario: Scenario) -> dict[str, Any]:

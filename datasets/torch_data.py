@@ -109,7 +109,7 @@ class ClipDataset(Dataset):
         return {
             "boxes": torch.from_numpy(p.boxes[idx]),
             "classes": torch.from_numpy(p.classes[idx]),
-            "box_mask": torch.from_numpy(p.mask[idx]),
+            "box_mask": torch.from_numpy(p.box_mask[idx]),
             "track_ids": torch.from_numpy(p.track_ids[idx]),
             "night": torch.tensor(ann.night, dtype=torch.int64),
             "crowdedness": torch.tensor(ann.crowdedness, dtype=torch.int64),

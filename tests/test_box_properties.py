@@ -105,11 +105,11 @@ def test_pack_boxes_invariants(data, max_boxes):
     p = pack_boxes(frames, w, h, max_boxes)
     t = len(frames)
     assert p.boxes.shape == (t, max_boxes, 4) and p.boxes.dtype == np.float32
-    assert p.classes.shape == p.mask.shape == p.track_ids.shape == (t, max_boxes)
+    assert p.classes.shape == p.box_mask.shape == p.track_ids.shape == (t, max_boxes)
     assert ((p.boxes >= 0) & (p.boxes <= 1)).all()
     for k, boxes in enumerate(frames):
         m = min(len(boxes), max_boxes)
-        assert p.mask[k].tolist() == [True] * m + [False] * (max_boxes - m)  # real boxes first, then padding
+        assert p.box_mask[k].tolist() == [True] * m + [False] * (max_boxes - m)  # real boxes first, then padding
         assert (p.boxes[k, m:] == 0).all() and (p.track_ids[k, m:] == -1).all() and (p.classes[k, m:] == 0).all()
         area = {b[0]: (b[4] - b[2]) * (b[5] - b[3]) for b in boxes}
         kept = p.track_ids[k, :m].tolist()

@@ -17,14 +17,14 @@ def test_pack_boxes_normalises_pads_and_keeps_largest():
     p = pack_boxes(frames, width=100, height=200, max_boxes=2)
     assert p.boxes.shape == (3, 2, 4) and p.boxes.dtype == np.float32
     assert p.classes.shape == (3, 2) and p.classes.dtype == np.int64
-    assert p.mask.dtype == bool and p.track_ids.dtype == np.int64
+    assert p.box_mask.dtype == bool and p.track_ids.dtype == np.int64
     np.testing.assert_allclose(p.boxes[0, 0], [0.1, 0.1, 0.3, 0.2])
-    assert p.mask[0].tolist() == [True, False]
+    assert p.box_mask[0].tolist() == [True, False]
     assert p.track_ids[0].tolist() == [7, -1] and p.boxes[0, 1].tolist() == [0, 0, 0, 0]
     # three boxes, two slots: the two largest by area, in decreasing area
     assert p.track_ids[1].tolist() == [2, 3] and p.classes[1].tolist() == [3, 8]
     np.testing.assert_allclose(p.boxes[1, 0], [0.5, 0.05, 0.9, 0.25])
-    assert not p.mask[2].any() and (p.track_ids[2] == -1).all()
+    assert not p.box_mask[2].any() and (p.track_ids[2] == -1).all()
 
 
 def test_pack_boxes_clamps_to_unit_square_and_rejects_bad_sizes():

@@ -78,11 +78,11 @@ def test_noise_level_enters_the_embedding(tiny):
     t = torch.tensor([500])
     with torch.no_grad():
         a = tiny.denoiser.predict(x, t, cond)
-        b = tiny.denoiser.predict(x, t, cond.replace(context_noise_level=torch.tensor([200])))
+        b = tiny.denoiser.predict(x, t, cond.replace(noise_aug_level=torch.tensor([200])))
     assert (a - b).abs().max() > 1e-4
     # with zero noise the conditioning is the upsampled low-res video itself (g = 0: alpha_bar_0 ~ 1)
     up = torch.nn.functional.interpolate(low[0], size=(32, 64), mode="bilinear", align_corners=False)
-    assert torch.allclose(cond.context_latents[0], up, atol=2e-3)
+    assert torch.allclose(cond.lowres[0], up, atol=2e-3)
 
 
 def test_config_checks():
@@ -149,9 +149,9 @@ def test_noise_augmentation_is_the_closed_form_at_g_above_zero(tiny):
     mixed = rearrange(a * lowres + s * noise, "b t c h w -> (b t) c h w")
     expected = rearrange(F.interpolate(mixed, size=(32, 64), mode="bilinear", align_corners=False),
                          "(b t) c h w -> b t c h w", b=3)
-    torch.testing.assert_close(cond.context_latents, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(cond.context_noise_level, levels)
-    assert (cond.context_latents[1:] - F.interpolate(lowres[1:].flatten(0, 1), size=(32, 64), mode="bilinear")
+    torch.testing.assert_close(cond.lowres, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cond.noise_aug_level, levels)
+    assert (cond.lowres[1:] - F.interpolate(lowres[1:].flatten(0, 1), size=(32, 64), mode="bilinear")
             .view(2, 2, 3, 32, 64)).abs().mean() > 0.05  # g > 0 really adds noise
 
 

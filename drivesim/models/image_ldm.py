@@ -9,7 +9,7 @@ replaced by their learned nulls independently with the config's probabilities (p
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from drivesim.configs import ImageLDMConfig
@@ -50,22 +50,13 @@ class ImageLDM(nn.Module):
         Raises:
             DataError: a key is missing or latents are not 5-D (message names the field).
         """
-        for key in BATCH_KEYS:
-            if key not in batch:
-                raise DataError(f"batch: {key}: missing (image_ldm needs {', '.join(BATCH_KEYS)})")
+        if "latents" not in batch:
+            raise DataError(f"batch: latents: missing (image_ldm needs {', '.join(BATCH_KEYS)})")
         latents = batch["latents"]
         if latents.ndim != 5:
             raise DataError(f"batch: latents: expected (b, t, c, h, w), got shape {tuple(latents.shape)}")
-        t = latents.shape[1]
         x0 = rearrange(latents.float(), "b t c h w -> (b t) 1 c h w")
-        cond = Conditioning(
-            boxes=rearrange(batch["boxes"].float(), "b t n k -> (b t) 1 n k"),
-            classes=rearrange(batch["classes"].long(), "b t n -> (b t) 1 n"),
-            box_mask=rearrange(batch["box_mask"].bool(), "b t n -> (b t) 1 n"),
-            night=repeat(batch["night"].long(), "b -> (b t)", t=t),
-            crowdedness=repeat(batch["crowdedness"].long(), "b -> (b t)", t=t),
-        )
-        return x0, cond
+        return x0, Conditioning.from_batch(batch).frames_as_images()
 
     def drop_for_guidance(self, cond: Conditioning, generator: torch.Generator | None = None) -> Conditioning:
         """Drop each sample's day/night, crowdedness and box set for classifier-free guidance (`drop_conditions`)."""

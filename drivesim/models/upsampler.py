@@ -45,8 +45,8 @@ __all__ = ["NoiseLevelUNet", "Upsampler", "check_upsampler_config"]
 class NoiseLevelUNet(SpatialUNet):
     """`SpatialUNet` whose embedding also carries the noise-augmentation level g of the conditioning video.
 
-    g travels as `cond.context_noise_level` (b,) int64 (the level the conditioning was diffused to, as for
-    LVDM's perturbed context latents). Embedding: sinusoidal(g) -> Linear-SiLU-Linear (last layer zero-init, so a
+    g travels as `cond.noise_aug_level` (b,) int64 (the level the low-resolution video was diffused to).
+    Embedding: sinusoidal(g) -> Linear-SiLU-Linear (last layer zero-init, so a
     fresh model ignores g), added to every frame's timestep embedding.
     """
 
@@ -59,11 +59,11 @@ class NoiseLevelUNet(SpatialUNet):
         nn.init.zeros_(self.noise_level_embed[2].bias)
 
     def embed(self, timesteps: torch.Tensor, cond: Conditioning, num_frames: int) -> torch.Tensor:
-        """As `SpatialUNet.embed` + embedding of `cond.context_noise_level` (b,) (None: nothing added)."""
+        """As `SpatialUNet.embed` + embedding of `cond.noise_aug_level` (b,) (None: nothing added)."""
         emb = super().embed(timesteps, cond, num_frames)
-        if cond.context_noise_level is None:
+        if cond.noise_aug_level is None:
             return emb
-        g = timestep_embedding(cond.context_noise_level.to(emb.device), self.config.model_channels)
+        g = timestep_embedding(cond.noise_aug_level.to(emb.device), self.config.model_channels)
         return emb + repeat(self.noise_level_embed(g.to(emb.dtype)), "b e -> (b t) e", t=num_frames)
 
 
@@ -129,18 +129,7 @@ class Upsampler(nn.Module):
         self.denoiser = Denoiser(self._network, config.diffusion)
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        # the upsampled low-res conditioning rides in cond.context_latents (no context mask: VideoUNet ignores it)
-        return self.unet(torch.cat([x, cond.context_latents.to(x.dtype)], dim=2), t, cond)
-
-    def _null_condition(self, b: int, t: int, device: torch.device) -> Conditioning:
-        n = max(1, self.config.unet.boxes.max_boxes)
-        flags = torch.ones(b, dtype=torch.bool, device=device)
-        return Conditioning(boxes=torch.zeros(b, t, n, 4, device=device),
-                            classes=torch.zeros(b, t, n, dtype=torch.int64, device=device),
-                            box_mask=torch.zeros(b, t, n, dtype=torch.bool, device=device),
-                            night=torch.zeros(b, dtype=torch.int64, device=device),
-                            crowdedness=torch.zeros(b, dtype=torch.int64, device=device),
-                            drop_boxes=flags, drop_night=flags, drop_crowdedness=flags)
+        return self.unet(torch.cat([x, cond.lowres.to(x.dtype)], dim=2), t, cond)
 
     def condition(self, lowres: torch.Tensor, size: tuple[int, int], level: torch.Tensor,
                   noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Conditioning:
@@ -152,15 +141,15 @@ class Upsampler(nn.Module):
             level: (b,) int64 noise-augmentation levels g.
             noise: like `lowres` (None: drawn on CPU with `generator`).
         Returns:
-            `Conditioning` with context_latents (b, t, 3, H, W) = bilinear_up(a_g y + s_g eps), context_noise_level
-            = g, null boxes/labels.
+            `Conditioning` with lowres (b, t, 3, H, W) = bilinear_up(a_g y + s_g eps), noise_aug_level = g, null
+            boxes/labels.
         """
         if noise is None:
             noise = torch.randn(lowres.shape, generator=generator, dtype=torch.float32).to(lowres)
         c = self.denoiser.schedule.add_noise(lowres.float(), noise, level)
         b, t = lowres.shape[:2]
-        cond = self._null_condition(b, t, lowres.device)
-        return cond.replace(context_latents=_upsample_bilinear(c, size), context_noise_level=level)
+        cond = Conditioning.null(b, t, max(1, self.config.unet.boxes.max_boxes), lowres.device)
+        return cond.replace(lowres=_upsample_bilinear(c, size), noise_aug_level=level)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Diffusion loss on a random `patch_size` patch of every clip.

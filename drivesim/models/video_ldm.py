@@ -126,17 +126,13 @@ class VideoLDM(nn.Module):
         Raises:
             DataError: a key is missing or shapes disagree with the config (message names the field).
         """
-        for key in BATCH_KEYS:
-            if key not in batch:
-                raise DataError(f"batch: {key}: missing ({self.stage_name} needs {', '.join(BATCH_KEYS)})")
+        if "latents" not in batch:
+            raise DataError(f"batch: latents: missing ({self.stage_name} needs {', '.join(BATCH_KEYS)})")
         x0 = batch["latents"].float()
         if x0.ndim != 5 or x0.shape[2] != self.config.unet.in_channels:
             raise DataError(f"batch: latents: expected (b, t, {self.config.unet.in_channels}, h, w), got "
                             f"{tuple(x0.shape)}")
-        cond = Conditioning(boxes=batch["boxes"].float(), classes=batch["classes"].long(),
-                            box_mask=batch["box_mask"].bool(), night=batch["night"].long(),
-                            crowdedness=batch["crowdedness"].long())
-        return x0, cond
+        return x0, Conditioning.from_batch({k: v for k, v in batch.items() if k != "stage"})
 
     def draw_context_mask(self, b: int, t: int, device: torch.device) -> torch.Tensor:
         """(b, t) bool training mask of context frames (model-specific)."""

@@ -74,15 +74,12 @@ def make_cond_fn(scenario, max_boxes: int):
     from drivesim.datasets.scenario import pack
     from drivesim.types import Conditioning
 
-    p = pack(scenario, 0, scenario.num_frames, max_boxes)
-    boxes, classes, mask = torch.from_numpy(p.boxes), torch.from_numpy(p.classes), torch.from_numpy(p.mask)
-    night = torch.tensor([scenario.night], dtype=torch.int64)
-    crowd = torch.tensor([scenario.crowdedness], dtype=torch.int64)
+    packed = pack(scenario, 0, scenario.num_frames, max_boxes).as_batch()
+    labels = {"night": [scenario.night], "crowdedness": [scenario.crowdedness]}
 
     def cond_fn(indices: list[int]) -> Conditioning:
         idx = torch.tensor(indices, dtype=torch.int64)
-        return Conditioning(boxes=boxes[idx][None], classes=classes[idx][None], box_mask=mask[idx][None],
-                            night=night, crowdedness=crowd)
+        return Conditioning.from_batch({k: v[:, idx] for k, v in packed.items()} | labels, "scenario")
 
     return cond_fn
 

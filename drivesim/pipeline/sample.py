@@ -13,7 +13,9 @@ boxes.json (pixel coordinates of a `width` x `height` image, image frame: x righ
       ]
     }
 
-`class` is a name from `drivesim.bbox_conditioning.classes.CLASS_NAMES` (or its integer id). The latent size is
+Boxes follow the clip format's rules (`drivesim.datasets.clips.parse_box`): `class` is a name from
+`drivesim.bbox_conditioning.classes.CLASS_NAMES`, coordinates are finite with positive area, and a box that sticks
+out of the image is clipped to it. The latent size is
 (height / 8, width / 8). Output: `sample_000.png`, ... and `sample_000_boxes.png` with the boxes drawn. Without
 `--ae` the PNGs show the first three latent channels (min-max normalised, upsampled x8) instead of decoded
 pixels.
@@ -22,7 +24,6 @@ pixels.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,15 @@ def read_boxes_json(path: Path, max_boxes: int) -> dict:
 
     Returns:
         {"width", "height", "night" (int or None), "crowdedness" (int), "boxes" (1, 1, n, 4) float32 normalised
-        xyxy tensor, "classes" (1, 1, n) int64, "box_mask" (1, 1, n) bool} with n = max_boxes.
+        xyxy tensor, "classes" (1, 1, n) int64, "box_mask" (1, 1, n) bool, "track_ids" (1, 1, n) int64 (the
+        box's index in the file)} with n = max_boxes.
     Raises:
         DataError: unreadable JSON or an invalid field (message names the file and the field).
     """
-    import torch
 
     from drivesim.bbox_conditioning.boxes import pack_boxes
-    from drivesim.bbox_conditioning.classes import CLASS_NAMES, CLASS_TO_ID, VEHICLE_CLASSES
+    from drivesim.bbox_conditioning.classes import CLASS_TO_ID, VEHICLE_CLASSES
+    from drivesim.datasets.clips import parse_frame_boxes
     from drivesim.errors import DataError
 
     try:
@@ -64,38 +66,19 @@ def read_boxes_json(path: Path, max_boxes: int) -> dict:
     boxes = data.get("boxes")
     if not isinstance(boxes, list):
         raise DataError(f"{path}: boxes: expected a list")
-    if len(boxes) > max_boxes:
+    if len(boxes) > max_boxes:  # a request the model cannot honour: refused, never silently cut
         raise DataError(f"{path}: boxes: {len(boxes)} boxes, the model takes at most {max_boxes}")
-    tuples, vehicles = [], 0
-    for i, box in enumerate(boxes):
-        if not isinstance(box, dict):
-            raise DataError(f"{path}: boxes[{i}]: expected an object")
-        cls = box.get("class")
-        if isinstance(cls, str) and cls in CLASS_TO_ID:
-            cid = CLASS_TO_ID[cls]
-        elif isinstance(cls, int) and not isinstance(cls, bool) and 0 <= cls < len(CLASS_NAMES):
-            cid = cls
-        else:
-            raise DataError(f"{path}: boxes[{i}].class: unknown class {cls!r} (known: {', '.join(CLASS_NAMES)})")
-        coords = []
-        for key in ("x1", "y1", "x2", "y2"):
-            v = box.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise DataError(f"{path}: boxes[{i}].{key}: expected a finite number, got {v!r}")
-            coords.append(float(v))
-        if coords[2] <= coords[0] or coords[3] <= coords[1]:
-            raise DataError(f"{path}: boxes[{i}]: needs x1 < x2 and y1 < y2, got {coords}")
-        vehicles += CLASS_NAMES[cid] in VEHICLE_CLASSES
-        tuples.append((i, cid, *coords))
+    # the clip format's box rules (class names, finite coordinates, positive area, clipped to the image); the
+    # file has no track ids: a box's index stands for it
+    raw = [{"track_id": j, **box} if isinstance(box, dict) else box for j, box in enumerate(boxes)]
+    parsed, _ = parse_frame_boxes(raw, size["width"], size["height"], Path(path), 0, where="boxes")
+    tuples = [(j, CLASS_TO_ID[box.cls], box.x1, box.y1, box.x2, box.y2) for j, box in enumerate(parsed)]
+    vehicles = sum(box.cls in VEHICLE_CLASSES for box in parsed)
     crowd = data.get("crowdedness", vehicles)
     if isinstance(crowd, bool) or not isinstance(crowd, int) or crowd < 0:
         raise DataError(f"{path}: crowdedness: expected a non-negative integer, got {crowd!r}")
     packed = pack_boxes([tuples], size["width"], size["height"], max_boxes)
-    return {
-        **size, "night": night, "crowdedness": crowd,
-        "boxes": torch.from_numpy(packed.boxes)[None], "classes": torch.from_numpy(packed.classes)[None],
-        "box_mask": torch.from_numpy(packed.mask)[None],
-    }
+    return {**size, "night": night, "crowdedness": crowd, **packed.as_batch()}
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -201,11 +184,8 @@ def sample_images(ckpt: Path, boxes: Path, out: Path, *, night: int | None = Non
     night_label = night if night is not None else (spec["night"] or 0)
     crowd = crowdedness if crowdedness is not None else spec["crowdedness"]
     n = num_samples
-    cond = Conditioning(
-        boxes=repeat(spec["boxes"], "1 t k c -> b t k c", b=n), classes=repeat(spec["classes"], "1 t k -> b t k", b=n),
-        box_mask=repeat(spec["box_mask"], "1 t k -> b t k", b=n),
-        night=torch.full((n,), night_label, dtype=torch.int64), crowdedness=torch.full((n,), crowd, dtype=torch.int64),
-    )
+    frames = {k: repeat(spec[k], "1 ... -> b ...", b=n) for k in ("boxes", "classes", "box_mask")}
+    cond = Conditioning.from_batch(frames | {"night": [night_label] * n, "crowdedness": [crowd] * n}, str(boxes))
     latent_size = (spec["height"] // 8, spec["width"] // 8)
     factor = 2 ** (len(model.config.unet.channel_mult) - 1)
     if latent_size[0] % factor or latent_size[1] % factor:
