@@ -52,7 +52,7 @@ def machine() -> dict:
         "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "isa": isa,
         "torch": torch.__version__, "diffusers": diffusers_version, "python": platform.python_version(),
         "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M"), "loadavg_at_start": load,
-        "note": "2-core CPU shared with other engineers' jobs: timings are medians of interleaved repeats",
+        "note": "2-core CPU shared with other jobs: timings are medians of interleaved repeats",
     }
 
 
