@@ -1,4 +1,4 @@
-"""Shared helpers of the issue-10 benchmarks (`unet_vs_svd.py`, `mfu.py`, `data_throughput.py`).
+"""Shared helpers of the performance benchmarks (`unet_vs_svd.py`, `mfu.py`, `data_throughput.py`).
 
 Imported by those scripts as a sibling module (a script's own folder is first on `sys.path`); not a package.
 

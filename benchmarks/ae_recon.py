@@ -1,4 +1,4 @@
-"""Reconstruction quality of the image decoder vs the video-fine-tuned decoder (issue 4 "Measure and report").
+"""Reconstruction quality of the image decoder vs the video-fine-tuned decoder.
 
 For every val clip of a clip-format dataset: encode all frames with the (shared, frozen) encoder (posterior
 mean, what `drivesim encode` caches and the diffusion models learn; `--latents sample`: one seeded posterior

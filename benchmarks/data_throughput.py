@@ -18,7 +18,7 @@ Decoded videos and cached clips are warmed up by one full pass of each pipeline;
 `--batches` batches of each in turn (same process, alternating), and samples/s is the median over rounds.
 The autoencoder has random weights: encoder cost does not depend on them. Without `--data` (or when the folder
 has no manifest.json) synthetic clips (`write_synthetic_dataset`) at the preset's resolution are used.
-Target (issue 10): cache >= 5x on the fly. Writes benchmarks/results/data_throughput.json.
+Target: cache >= 5x on the fly. Writes benchmarks/results/data_throughput.json.
 """
 
 from __future__ import annotations

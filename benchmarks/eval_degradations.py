@@ -1,4 +1,4 @@
-"""FVD_16 / FID / KVD_16 of real clips against themselves and against degraded copies (issue 7 "done when").
+"""FVD_16 / FID / KVD_16 of real clips against themselves and against degraded copies.
 
     python benchmarks/eval_degradations.py [DATASET] [--split val] [--max-clips N] [--out results.json]
 

@@ -1,4 +1,4 @@
-"""Image LDM measurements (issue 5): a day/night sample grid with boxes drawn, and a box-control check.
+"""Image LDM measurements: a day/night sample grid with boxes drawn, and a box-control check.
 
     python benchmarks/image_ldm_box_control.py --ldm runs/ldm --ae runs/ae/model --cache runs/latents.h5 \
         --out benchmarks/results/image_ldm [--data data/sample --fid]

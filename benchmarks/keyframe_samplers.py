@@ -1,4 +1,4 @@
-"""Key-frame sampling: DPM-Solver++ (2M) at 20 steps vs DDIM (eta = 0) at 50 steps (issue 10): time and FVD_16.
+"""Key-frame sampling: DPM-Solver++ (2M) at 20 steps vs DDIM (eta = 0) at 50 steps: time and FVD_16.
 
 Both are solvers of the same probability-flow ODE, started from the same x_T (same seed), so DPM-Solver++ at 20
 steps should land close to DDIM at 50 at 2.5x fewer network calls. For each val window of 17 latent frames (first

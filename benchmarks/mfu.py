@@ -8,7 +8,7 @@ The peak is the median throughput of a large square matmul (`--matmul-size`, fp3
 same process, interleaved with the model steps (round-robin), so both see the same load on the shared machine.
 
 Rows: the prediction model's VideoUNet with every parameter trainable, and with the spatial layers frozen (the
-real prediction stage: no weight gradients for them, hence fewer FLOPs). Target (issue 10): MFU >= 40%.
+real prediction stage: no weight gradients for them, hence fewer FLOPs). Target: MFU >= 40%.
 Writes benchmarks/results/mfu.json.
 """
 

@@ -1,4 +1,4 @@
-"""Run the issue-10 benchmarks one after the other; each prints its table and writes benchmarks/results/<name>.json.
+"""Run the performance benchmarks one after the other; each prints its table and writes benchmarks/results/<name>.json.
 
     python benchmarks/run_all.py [--threads 1] [--quick]
 

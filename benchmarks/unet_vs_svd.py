@@ -30,7 +30,7 @@ temporal `ff_in`) and cross-attention where ours has self-attention + GLIGEN gat
 feed-forward) + temporal self-attention. The table therefore also gives each model's parameter count and its
 counted FLOPs per step (`torch.utils.flop_counter.FlopCounterMode`), and time per GFLOP.
 
-Target (issue 10): ours <= 0.67x their step time at equal (or lower) memory. Writes
+Target: ours <= 0.67x their step time at equal (or lower) memory. Writes
 benchmarks/results/unet_vs_svd.json.
 """
 

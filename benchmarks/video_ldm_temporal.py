@@ -1,5 +1,5 @@
 """Do the temporal layers help? FVD and flicker of 16-frame clips from the video LDMs vs the same models with
-every alpha forced to 1 (frames independent), on the val clips (issue 6 "Measure and report").
+every alpha forced to 1 (frames independent), on the val clips.
 
 For each val window of 17 latent frames (starts 0 and t - 17 of every val clip of the latent cache):
 1. key frames: the prediction model continues the window's first real latent frame (S = 1 context) to 5 key

@@ -231,7 +231,7 @@ def write_cache(dataset_root: str | Path, encode_fn: Callable[[torch.Tensor], to
 
     Args:
         dataset_root: clip-format folder.
-        encode_fn: maps frames (t, 3, h, w) float32 in [-1, 1] to UNSCALED latents (t, 4, h/8, w/8) (issue 4's
+        encode_fn: maps frames (t, 3, h, w) float32 in [-1, 1] to UNSCALED latents (t, 4, h/8, w/8) (the autoencoder's
             autoencoder: the posterior mean or a sample); called with at most `batch_frames` frames at a time.
         out: the .h5 file to create (replaced atomically if it exists).
         encoder_id: identity of the encoder (`encoder_id(config, weights_digest)`).

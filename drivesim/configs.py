@@ -70,7 +70,7 @@ class AutoencoderConfig:
     # latents the video decoder is fine-tuned on: "mean" (posterior mean: what `drivesim encode` caches by default,
     # so what the diffusion models learn and generate) or "sample" (one posterior draw per frame, LDM's recipe,
     # which matches a cache written with `drivesim encode --sample`). A decoder fine-tuned on samples learns to
-    # average out the draws' frame-independent noise, which mean latents do not have (measured: README).
+    # average out the draws' frame-independent noise, which mean latents do not have (measured: docs/measurements.md).
     video_latents: str = "mean"
     # weight of the temporal-difference loss mean |(rec[t+1] - rec[t]) - (x[t+1] - x[t])| in the video decoder's
     # fine-tuning (0: off, the paper's recipe of reconstruction + video discriminator only)
@@ -110,7 +110,7 @@ class LayoutConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Spatial ADM/LDM U-Net on latents; the video models wrap it (issue 5/6)."""
+    """Spatial ADM/LDM U-Net on latents; the video models wrap it."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -171,7 +171,7 @@ class ImageLDMConfig:
 
 @dataclass(frozen=True)
 class VideoLDMConfig:
-    """Key-frame prediction or interpolation model = spatial U-Net + temporal layers (issue 6)."""
+    """Key-frame prediction or interpolation model = spatial U-Net + temporal layers."""
 
     stage: str = "prediction"  # prediction | interpolation
     num_frames: int = 8
@@ -216,7 +216,7 @@ class UpsamplerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run through the shared accelerate loop (issue 3)."""
+    """One training run through the shared accelerate loop."""
 
     max_steps: int = 1000
     max_minutes: float | None = None

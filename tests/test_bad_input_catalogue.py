@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 10): one row per broken input, each run through the `drivesim` CLI.
+"""The bad-input catalogue: one row per broken input, each run through the `drivesim` CLI.
 
 Every row must give: a non-zero exit status; exactly one non-empty line on stderr, `error: ...`, without a
 traceback; that line naming the file (or flag / preset) and the field; no new file or folder anywhere under the

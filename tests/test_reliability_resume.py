@@ -1,5 +1,5 @@
 """Reliability: SIGKILL a short training run at 20 random moments; every resume ends bitwise equal to the
-uninterrupted run (issue 10, "Kill -9 at random points of a short training run, 20 times").
+uninterrupted run.
 
 The run is the training engine's toy worker (`tests/_engine_toy.py`: dropout, input noise and python/numpy RNG
 draws inside `loss()`, a frozen layer, gradient accumulation 2, cosine LR with warm-up, EMA, a checkpoint every

@@ -1,4 +1,4 @@
-"""Video U-Net and video LDMs (issue 6): alpha = 1 is the image model bit for bit, freezing, attention distance,
+"""Video U-Net and video LDMs: alpha = 1 is the image model bit for bit, freezing, attention distance,
 image-only samples, LVDM context (S = 0, perturbation level, mask channel), guidance, sampling, checkpoints,
 interpolation windows and the train stages."""
 

@@ -1,4 +1,4 @@
-"""Box- and label-conditioned image LDM (SPEC section 1, step 1; issue 5): `SpatialUNet` + `Denoiser`.
+"""Box- and label-conditioned image LDM (SPEC section 1, step 1): `SpatialUNet` + `Denoiser`.
 
 Trained on single frames of the latent cache: a batch of clips `(b, t, 4, h, w)` is folded into `b t`
 independent images, each with its own diffusion timestep, its own boxes and its clip's labels. For

@@ -1,6 +1,6 @@
 """Pixel-space x4 video upsampler (SPEC section 1, step 5; Video LDM sec. 3.4 / Imagen-style noise augmentation).
 
-A `VideoUNet` (spatial U-Net + temporal layers, as in issue 6) on RGB frames, denoising the high-resolution
+A `VideoUNet` (spatial U-Net + temporal layers) on RGB frames, denoising the high-resolution
 video x (b, t, 3, H, W) given the low-resolution video:
 
 - conditioning: the low-resolution video y = area-downsample_x4(x) is noise-augmented to a level g,

@@ -1,4 +1,4 @@
-"""Video LDMs of the driving stack: the key-frame prediction model and the x4 interpolation model (issue 6).
+"""Video LDMs of the driving stack: the key-frame prediction model and the x4 interpolation model.
 
 Both are a `VideoUNet` (the image LDM's spatial U-Net, frozen, + temporal layers) around a `Denoiser`, trained on
 clips of scaled latents with some frames given as context (SPEC sections 1 and 2).

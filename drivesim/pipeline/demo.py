@@ -53,7 +53,7 @@ DEFAULT_STEPS: dict[str, dict[str, int]] = {
     "cpu-small": {"autoencoder": 150, "video_decoder": 25, "image_ldm": 1200, "prediction": 110,
                   "interpolation": 80},
 }
-# Measured seconds per optimizer step of the cpu-small stages on one thread of the 2-core box (for the ETA only).
+# Measured seconds per optimizer step of the cpu-small stages on one thread of a 2-core CPU (for the ETA only).
 SECONDS_PER_STEP: dict[str, dict[str, float]] = {
     "cpu-small": {"autoencoder": 1.2, "video_decoder": 3.5, "image_ldm": 0.3, "prediction": 1.3,
                   "interpolation": 1.1},

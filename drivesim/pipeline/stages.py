@@ -89,7 +89,7 @@ def parse_opts(spec: StageSpec, pairs: list[str]) -> dict[str, str]:
     return out
 
 
-# ---- autoencoder, video_decoder (issue 4) ---------------------------------------------------------------------
+# ---- autoencoder, video_decoder ---------------------------------------------------------------------
 
 
 def _positive_int(name: str, text: str) -> int:
@@ -150,7 +150,7 @@ def build_video_decoder(preset, data_path, autoencoder: str | None = None, frame
     return model, dataset, None
 
 
-# ---- image_ldm (issue 5) --------------------------------------------------------------------------------------
+# ---- image_ldm --------------------------------------------------------------------------------------
 
 
 def _tensor_collate(samples: list[dict]) -> dict:
@@ -191,7 +191,7 @@ def _cache_encoder_id(data_path) -> str:
         cache.close()
 
 
-# ---- prediction / interpolation (issue 6) ---------------------------------------------------------------------
+# ---- prediction / interpolation ---------------------------------------------------------------------
 
 _VIDEO_OPTIONS = {"image_ldm": "trained image LDM whose spatial U-Net is copied in and frozen: exported model "
                                "folder or run folder (required)"}
@@ -261,7 +261,7 @@ def build_interpolation(preset, data_path, image_ldm: str | None = None):
     return model, dataset, _tensor_collate
 
 
-# ---- upsampler (issue 8) ---------------------------------------------------------------------------------------
+# ---- upsampler ---------------------------------------------------------------------------------------
 
 
 @register_stage("upsampler", help="x4 pixel-space video upsampler (noise-augmented low-res conditioning, temporal "

@@ -14,7 +14,7 @@ Architecture (guided-diffusion `UNetModel`, LDM widths):
 Video layout: `forward` takes `(b, t, c, h, w)` and folds frames into the batch `(b t) c h w`; the image model
 treats every frame independently.
 
-Extension point for temporal layers (issue 6)
+Extension point for temporal layers
 ----------------------------------------------
 The U-Net is a list of `UNetBlock`s (`input_blocks`, `middle_block`, `output_blocks`). A block runs its
 spatial layers in order, each called as `layer(h, emb, ctx)` with `h` `(b t) c h w`, `emb` `(b t) e` and
