@@ -18,7 +18,8 @@ def export_cmd(
     """Write every K-th frame of every clip as an image plus its boxes as COCO JSON or YOLO txt labels.
 
     Boxes come from the clips' annotations (for generated rollouts: the scenario they were conditioned on), so
-    the export is labelled synthetic data. Layout and field meanings: docs/clip-format.md and the README, "Perception export".
+    the export is labelled synthetic data. Layout and field meanings: the README, "Perception export", and
+    docs/clip-format.md.
     """
     import shlex
 

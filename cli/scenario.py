@@ -37,7 +37,8 @@ def from_clip(
 
 @app.command("validate")
 def validate(path: Path = typer.Argument(..., help="Scenario JSON.")) -> None:
-    """Check a scenario JSON (schema: docs/clip-format.md, "Scenarios"); the first problem is an error naming the field."""
+    """Check a scenario JSON (schema: docs/clip-format.md, "Scenarios"); the first problem is an error naming the
+    field."""
     from drivesim.pipeline.scenario import load_scenario
 
     scenario = load_scenario(path)
