@@ -8,7 +8,8 @@ Checkpoints: `--ckpt-dir D` (D/{autoencoder,image_ldm,prediction,interpolation})
 INITIALISED models of `--preset` written to a temp folder (`drivesim.rollout.init_checkpoint_dir`): the frames are
 then meaningless, but time and memory are those of the architecture. The JSON says which was used.
 
-    python benchmarks/rollout_memory.py --preset tiny --frames 100 1000 --steps 1 --json-out runs/rollout_mem.json
+    python benchmarks/rollout_memory.py --preset tiny --frames 100 1000 4000 8000 --steps 1 --threads 1
+        # -> benchmarks/results/rollout_memory.json (--json-out elsewhere; ~4 min on one thread)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+RESULT = Path(__file__).resolve().parent / "results" / "rollout_memory.json"
 
 CHILD = r"""
 import json, sys, time
@@ -65,6 +68,18 @@ def run(ckpt: Path, scenario: Path, frames: int, steps: int, out: Path, threads:
             "segments": summary["segments"], "units": summary["units"]}
 
 
+def git_state() -> dict:
+    """The commit measured and the code paths that differed from it (uncommitted edits in the working tree)."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "drivesim", "cli", "datasets", "bbox_conditioning").splitlines()
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted": [line[3:] for line in dirty]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt-dir", type=Path, default=None, help="trained checkpoint dir (default: random init)")
@@ -72,7 +87,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--steps", type=int, default=1, help="sampler steps per model call")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the rollout process")
-    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--json-out", type=Path, default=RESULT, help="default benchmarks/results/rollout_memory.json")
     args = ap.parse_args()
 
     from drivesim.configs import get_preset
@@ -91,21 +106,30 @@ def main() -> None:
         rows = [run(ckpt, scenario, n, args.steps, tmp / f"out{n}", args.threads) for n in args.frames]
     base = rows[0]["peak_rss_mib"]
     ratio = rows[-1]["peak_rss_mib"] / base
-    record = {"benchmark": "rollout_memory", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    # what is held whole (labels, decode windows) grows linearly: least-squares slope of peak RSS over frames
+    n = [r["frames"] for r in rows]
+    rss = [r["peak_rss_mib"] for r in rows]
+    mean_n, mean_rss = sum(n) / len(n), sum(rss) / len(rss)
+    var_n = sum((x - mean_n) ** 2 for x in n)
+    slope = sum((x - mean_n) * (y - mean_rss) for x, y in zip(n, rss, strict=True)) / var_n if var_n else 0.0
+    command = " ".join(["python benchmarks/rollout_memory.py", *sys.argv[1:]])
+    record = {"benchmark": "rollout_memory", "command": command, "threads": args.threads,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}",
               "models": source, "preset": args.preset if args.ckpt_dir is None else str(args.ckpt_dir),
-              "resolution": [h, w], "steps": args.steps, "rows": rows,
-              "peak_rss_ratio": ratio, "target_ratio": 1.05, "target_met": ratio <= 1.05}
+              "git": git_state(), "resolution": [h, w], "steps": args.steps, "rows": rows,
+              "peak_rss_ratio": ratio, "target_ratio": 1.05, "target_met": ratio <= 1.05,
+              "peak_rss_slope_kib_per_frame": slope * 1024}
     print(f"rollout memory ({source}, preset {record['preset']}, {h}x{w}, {args.steps} step(s)/call)")
     print(f"{'frames':>7} {'rollout s':>10} {'frames/s':>9} {'peak RSS MiB':>13}")
     for r in rows:
         print(f"{r['frames']:>7} {r['rollout_s']:>10.1f} {r['frames_per_s']:>9.2f} {r['peak_rss_mib']:>13.1f}")
     print(f"peak RSS ratio {rows[-1]['frames']}/{rows[0]['frames']} frames: {ratio:.3f} (target <= 1.05: "
-          f"{'met' if record['target_met'] else 'MISSED'})")
+          f"{'met' if record['target_met'] else 'MISSED'}); slope {slope * 1024:.1f} KiB per frame")
     print(json.dumps(record))
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(record, indent=1))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.json_out}")
 
 
 if __name__ == "__main__":

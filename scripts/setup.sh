@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets drivesim up from nothing in ./.venv (CPU torch first, so nothing pulls a multi-GB CUDA build).
 #   bash scripts/setup.sh            # package + dev tools + evaluator weights (FVD/FID): all the demo needs
-#   bash scripts/setup.sh --all      # + MetaDrive simulator env (rendering data), Chromium (report test); CI uses it
+#   bash scripts/setup.sh --all      # + MetaDrive simulator env (rendering data), reference networks (.venv-ref),
+#                                      Chromium (report test); CI uses it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_all=0
@@ -22,6 +23,8 @@ fi
 if [[ $want_all == 1 ]]; then
   # MetaDrive renders the sample data in its own env (it pins numpy 1.24 / gym 0.25)
   bash scripts/setup_sim.sh
+  # the reference networks (Flax I3D in .venv-ref, the original weights files) for the extractor-equivalence tests
+  bash scripts/setup_reference.sh
   # headless Chromium renders report.html in the report test
   if ! command -v chromium >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then

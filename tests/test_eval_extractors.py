@@ -239,6 +239,22 @@ def test_sha256_mismatches_are_refused(tmp_path, monkeypatch):
     assert weights.weights_path("i3d") is None
 
 
+def test_source_file_is_kept_verified(tmp_path, monkeypatch):
+    # the original file, kept for the reference comparison: verified on the way in and on every later use
+    monkeypatch.setenv("DRIVESIM_CACHE", str(tmp_path / "cache"))
+    raw = tmp_path / "i3d-kinetics-400.ckpt"
+    raw.write_bytes(b"original weights")
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+    monkeypatch.setitem(weights.SPECS, "i3d", dataclasses.replace(weights.SPECS["i3d"], file_sha256=digest))
+    assert weights.source_file_path("i3d") is None
+    kept = weights.fetch_source_file("i3d", source=raw)
+    assert kept == weights.source_file_path("i3d") == tmp_path / "cache" / "sources" / raw.name
+    assert kept.read_bytes() == raw.read_bytes() and not list(kept.parent.glob("drivesim-*"))
+    kept.write_bytes(b"tampered")
+    with pytest.raises(WeightsError, match="delete it and fetch again"):
+        weights.fetch_source_file("i3d")
+
+
 def test_cli_reports_weights_errors_in_one_line(tmp_path, monkeypatch, capsys):
     from drivesim.cli.main import main
 
@@ -308,3 +324,59 @@ def test_features_do_not_depend_on_the_batch_size():
     np.testing.assert_allclose(small.video(clips), large.video(clips), atol=1e-4, rtol=0)
     frames = clips[:, 0]
     np.testing.assert_allclose(small.frame(frames), large.frame(frames), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ reference networks
+# Our networks against the ones their weights were converted from, on the same network inputs
+# (benchmarks/extractor_equivalence.py measures more inputs and writes benchmarks/results/extractor_equivalence.json).
+# Besides the converted weights these need the original files (<cache>/sources) and, for I3D, the Flax network in
+# its own environment: `bash scripts/setup_reference.sh`.
+
+I3D_TOLERANCE = 1e-4  # logits up to ~11: fp32 sums in another order (XLA vs oneDNN 3D convs) leave <= 2.9e-5
+INCEPTION_TOLERANCE = 1e-5  # features up to ~6; torch vs the TorchScript graph leave <= 3.1e-6
+
+
+def _equivalence():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "extractor_equivalence.py"
+    spec = importlib.util.spec_from_file_location("extractor_equivalence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+@needs_i3d
+def test_i3d_matches_the_flax_reference_network():
+    eq = _equivalence()
+    problem = eq.reference_env_problem() or eq.source_problem("i3d")
+    if problem:
+        pytest.skip(problem)
+    x = eq.i3d_inputs(n_sample=1, n_noise=0, n_fixture=1, frames=16)
+    clips = np.concatenate(list(x.values()))
+    ref, _ = eq.reference_i3d(clips)
+    assert ref.shape == (2, 400) and np.abs(ref).max() > 1  # real logits, not zeros
+    diff = np.abs(eq.ours_i3d(clips) - ref).max()
+    assert diff < I3D_TOLERANCE, f"I3D logits differ from the Flax network by {diff:.2e}"
+    # the tolerance separates a real mistake: torch's default batch-norm eps (1e-5 instead of 1e-3) gives ~1e-2
+    assert np.abs(eq.ours_i3d(clips, eps=1e-5) - ref).max() > 100 * I3D_TOLERANCE
+
+
+@pytest.mark.weights
+@needs_inception
+def test_inception_matches_the_torchscript_reference(monkeypatch):
+    eq = _equivalence()
+    problem = eq.source_problem("inception")
+    if problem:
+        pytest.skip(problem)
+    x = torch.cat(list(eq.inception_inputs(n_sample=2, n_noise=1).values()))
+    ref = eq.reference_inception(x)
+    assert ref.shape == (3, 2048) and ref.max() > 1
+    diff = np.abs(eq.ours_inception(x) - ref).max()
+    assert diff < INCEPTION_TOLERANCE, f"Inception features differ from the TorchScript file by {diff:.2e}"
+    # torchvision's average pool (padding counted) is the classic mistake: far outside the tolerance
+    monkeypatch.setattr(inception, "_avg_pool_3x3", lambda t: torch.nn.functional.avg_pool2d(t, 3, stride=1, padding=1))
+    assert np.abs(eq.ours_inception(x) - ref).max() > 100 * INCEPTION_TOLERANCE
