@@ -393,7 +393,7 @@ def make_plan(models: RolloutModels, cfg: RolloutConfig, num_frames: int, resolu
         ConfigError: strides that do not compose into x4 stages, a clip/window length the models cannot take, or
             more than MAX_FRAMES frames.
     """
-    from drivesim.autoencoder.model import chunk_windows
+    from drivesim.autoencoder.networks import chunk_windows
 
     if num_frames < 1:
         raise ConfigError(f"rollout: num_frames: must be >= 1, got {num_frames}")
@@ -453,10 +453,10 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 
 def _crossfade(windows: tuple[tuple[int, int], ...], i: int) -> torch.Tensor:
-    from drivesim.autoencoder.model import _crossfade_weights
+    from drivesim.autoencoder.networks import crossfade_weights
 
     s, e = windows[i]
-    return _crossfade_weights(s, e, i == 0, i == len(windows) - 1, windows[i - 1][1] if i > 0 else s,
+    return crossfade_weights(s, e, i == 0, i == len(windows) - 1, windows[i - 1][1] if i > 0 else s,
                               windows[i + 1][0] if i + 1 < len(windows) else e)
 
 

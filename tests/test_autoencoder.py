@@ -128,37 +128,37 @@ def test_bad_latents_and_configs(ae):
 
 def test_video_decoder_latent_channels_must_match_encoder(ae, tmp_path):
     with pytest.raises(CheckpointError, match="latent_channels"):
-        ae.to_video(latent_channels=8)
+        VideoAutoencoder.from_image(ae, latent_channels=8)
     other = VideoAutoencoder(_cfg(video_decoder=True, latent_channels=8))
     with pytest.raises(CheckpointError, match="latent_channels"):
         other.attach_to(ae)
-    video = ae.to_video()
+    video = VideoAutoencoder.from_image(ae)
     assert video.attach_to(ae) is video
     torch.manual_seed(5)
-    stranger = AutoencoderKL(_cfg()).to_video()
+    stranger = VideoAutoencoder.from_image(AutoencoderKL(_cfg()))
     with pytest.raises(CheckpointError, match="encoder"):
         stranger.attach_to(ae)
 
 
 def test_video_decoder_with_alpha_one_is_image_decoder_bitwise(ae):
-    video = ae.to_video()
+    video = VideoAutoencoder.from_image(ae)
     _randomize_temporal(video)
     z = ae.encode(_frames(t=5)).mode()
     image = ae.decode(z, num_frames=5)
     assert not torch.equal(video.decode(z, num_frames=5), image)  # trained temporal layers do change the output
     with force_alpha_one(video):
         assert torch.equal(video.decode(z, num_frames=5), image)
-    fixed = ae.to_video(temporal_merge="fixed", temporal_alpha_init=1.0)
+    fixed = VideoAutoencoder.from_image(ae, temporal_merge="fixed", temporal_alpha_init=1.0)
     _randomize_temporal(fixed)
     assert torch.equal(fixed.decode(z, num_frames=5), image)
-    mixed = ae.to_video(temporal_merge="learned_with_images")
+    mixed = VideoAutoencoder.from_image(ae, temporal_merge="learned_with_images")
     _randomize_temporal(mixed)
     out = mixed.decode(z, num_frames=5, image_only=torch.tensor([True, False]))
     assert torch.equal(out[0], image[0]) and not torch.equal(out[1], image[1])
 
 
 def test_video_autoencoder_freezes_encoder_and_spatial_decoder(ae):
-    video = ae.to_video()
+    video = VideoAutoencoder.from_image(ae)
     assert not any(p.requires_grad for p in video.encoder.parameters())
     assert not any(p.requires_grad for p in video.decoder.spatial_parameters())
     assert all(p.requires_grad for p in video.decoder.temporal_parameters())
@@ -173,7 +173,7 @@ def test_video_autoencoder_freezes_encoder_and_spatial_decoder(ae):
     assert all(p.grad is None for p in video.encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in video.decoder.temporal_parameters())
     assert "kl" not in logs
-    full = ae.to_video(video_train_spatial=True)
+    full = VideoAutoencoder.from_image(ae, video_train_spatial=True)
     assert all(p.requires_grad for p in full.decoder.spatial_parameters())
 
 
@@ -181,7 +181,7 @@ def test_video_decoder_fine_tunes_on_posterior_mean_or_sample(ae):
     """`video_latents`: "mean" decodes the posterior mean (deterministic, what the latent cache stores), "sample" a
     posterior draw per call (differs between calls)."""
     x = _frames(t=4)
-    video = ae.to_video(video_latents="mean")
+    video = VideoAutoencoder.from_image(ae, video_latents="mean")
     _randomize_temporal(video)
     video.train()
     with torch.no_grad():
@@ -190,18 +190,18 @@ def test_video_decoder_fine_tunes_on_posterior_mean_or_sample(ae):
         rec2, _ = video._reconstruct_for_loss(x)
         assert post is None and torch.equal(rec1, rec2)
         torch.testing.assert_close(rec1, video.decode(z))
-        sampled = ae.to_video(video_latents="sample")
+        sampled = VideoAutoencoder.from_image(ae, video_latents="sample")
         sampled.load_state_dict(video.state_dict())
         sampled.train()
         assert not torch.equal(sampled._reconstruct_for_loss(x)[0], rec1)
     with pytest.raises(ConfigError, match="video_latents"):
-        ae.to_video(video_latents="median")
+        VideoAutoencoder.from_image(ae, video_latents="median")
 
 
 def test_video_decoder_temporal_difference_loss(ae):
     """loss = rec + video_temporal_weight * mean |diff_t(rec) - diff_t(x)| (the flicker measure); off at weight 0."""
     x = _frames(t=4)
-    video = ae.to_video(video_latents="mean", video_temporal_weight=2.0, disc_start=10**6)
+    video = VideoAutoencoder.from_image(ae, video_latents="mean", video_temporal_weight=2.0, disc_start=10**6)
     _randomize_temporal(video)
     video.eval()
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_video_decoder_temporal_difference_loss(ae):
     torch.testing.assert_close(logs["temporal"], temporal.item())
     torch.testing.assert_close(loss, (x - rec).abs().mean() + 2.0 * temporal)
     torch.testing.assert_close(temporal.double(), 2 * flicker((rec + 1) / 2, (x + 1) / 2).mean())  # on [-1, 1]
-    off = ae.to_video(video_latents="mean", disc_start=10**6)
+    off = VideoAutoencoder.from_image(ae, video_latents="mean", disc_start=10**6)
     off.load_state_dict(video.state_dict())
     off.eval()
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_video_decoder_temporal_difference_loss(ae):
     assert "temporal" not in logs0
     torch.testing.assert_close(loss0, (x - rec).abs().mean())
     with pytest.raises(ConfigError, match="video_temporal_weight"):
-        ae.to_video(video_temporal_weight=-1.0)
+        VideoAutoencoder.from_image(ae, video_temporal_weight=-1.0)
 
 
 def test_chunk_windows_cover_and_overlap():
@@ -243,7 +243,7 @@ def test_chunked_decode_equals_unchunked_for_image_decoder(ae):
     # batch may round differently (measured up to 6.7e-6 with one thread)
     for chunk in (4, 5, 8):
         torch.testing.assert_close(ae.decode(z, num_frames=chunk), full, atol=2e-5, rtol=1e-5)
-    video = ae.to_video()
+    video = VideoAutoencoder.from_image(ae)
     _randomize_temporal(video)
     with force_alpha_one(video):
         torch.testing.assert_close(video.decode(z, num_frames=4), full, atol=2e-5, rtol=1e-5)
@@ -361,7 +361,7 @@ def test_checkpoint_round_trip_through_registry(ae, tmp_path):
         assert type(loaded) is AutoencoderKL and loaded.config == ae.config
         x = _frames(b=1, t=2)
         assert torch.equal(loaded(x), ae(x))
-        video = ae.to_video()
+        video = VideoAutoencoder.from_image(ae)
         _randomize_temporal(video)
         save_model(video, tmp_path / "video")
         v2 = drivesim.load(tmp_path / "video")
@@ -457,7 +457,7 @@ def test_long_video_chunked_decode_peak_memory_is_bounded():
 
 
 def test_crossfade_weights_are_linear_ramps_summing_to_one():
-    from drivesim.autoencoder.model import _crossfade_weights
+    from drivesim.autoencoder.networks import crossfade_weights as _crossfade_weights
 
     for t, chunk, overlap in [(20, 8, 2), (11, 4, 1), (9, 8, 3), (40, 8, 4)]:
         win = chunk_windows(t, chunk, overlap)

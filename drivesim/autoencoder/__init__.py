@@ -1,16 +1,8 @@
 """KL-f8 autoencoder, its video-fine-tuned decoder, latent scale factor and (optional) LPIPS loss."""
 
-from drivesim.autoencoder.model import (
-    AutoencoderKL,
-    Decoder,
-    DiagonalGaussian,
-    Encoder,
-    VideoAutoencoder,
-    VideoDecoder,
-    check_frames,
-    chunk_windows,
-    compute_scale_factor,
-)
+from drivesim.autoencoder.model import AutoencoderKL, compute_scale_factor
+from drivesim.autoencoder.networks import Decoder, DiagonalGaussian, Encoder, VideoDecoder, check_frames, chunk_windows
+from drivesim.autoencoder.video import VideoAutoencoder
 
 __all__ = [
     "AutoencoderKL",

@@ -1,4 +1,4 @@
-"""KL-f8 image autoencoder and its video-fine-tuned decoder (SPEC section 1, steps 1 and 4).
+"""KL-f8 image autoencoder (SPEC section 1, step 1): the model, its training loss and its latent scale factor.
 
 - `AutoencoderKL` ("autoencoder_kl"): the LDM "KL-f8" design (Rombach et al. 2022, `ldm/models/autoencoder.py`,
   `ldm/modules/diffusionmodules/model.py`): ResNet blocks, a mid block with self-attention, channel multipliers
@@ -15,41 +15,36 @@ Layouts: frames `(b, t, 3, H, W)` float in [-1, 1]; latents `(b, t, 4, H/8, W/8)
 scaled = raw * scale_factor, what the diffusion models see).
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.func import functional_call
 
+from drivesim.autoencoder.networks import (
+    Decoder,
+    DiagonalGaussian,
+    Encoder,
+    VideoDecoder,
+    check_config,
+    check_frames,
+    chunk_windows,
+    crossfade_weights,
+)
 from drivesim.bbox_conditioning.layout import union_coverage
 from drivesim.configs import AutoencoderConfig, TrainConfig
 from drivesim.discriminators import NLayerDiscriminator, VideoDiscriminator3D, hinge_d_loss
-from drivesim.errors import CheckpointError, ConfigError, DataError
-from drivesim.nn.blocks import Downsample, GroupNorm32, ResBlock, SpatialSelfAttention, Upsample
-from drivesim.nn.temporal import MERGE_STRATEGIES, AlphaBlender, TemporalConvBlock
+from drivesim.errors import ConfigError, DataError
 from drivesim.registry import register_model
 
-__all__ = [
-    "AutoencoderKL",
-    "Decoder",
-    "DiagonalGaussian",
-    "Encoder",
-    "VideoAutoencoder",
-    "VideoDecoder",
-    "check_frames",
-    "compute_scale_factor",
-    "chunk_windows",
-]
-
-DOWNSAMPLE_FACTOR = 8
-_VALUE_TOL = 1e-5  # float slack for inputs computed as x / 127.5 - 1
+__all__ = ["AutoencoderKL", "compute_scale_factor", "encoder_id"]
 
 
 def encoder_id(config: dict[str, Any], weights_digest: str) -> str:
@@ -65,252 +60,6 @@ def encoder_id(config: dict[str, Any], weights_digest: str) -> str:
 
     blob = json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n" + weights_digest
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def check_frames(frames: torch.Tensor, in_channels: int = 3, name: str = "frames") -> None:
-    """Validate a video batch for the autoencoder.
-
-    Args:
-        frames: (b, t, c, H, W) float in [-1, 1], H and W multiples of 8.
-
-    Raises:
-        DataError: wrong rank or channel count, size not a multiple of 8, non-finite values, or values outside
-            [-1, 1] (never silently clipped: uint8 frames must be mapped with x / 127.5 - 1).
-    """
-    if frames.ndim != 5:
-        raise DataError(f"{name}: expected (b, t, c, h, w), got shape {tuple(frames.shape)}")
-    if not frames.is_floating_point():
-        raise DataError(f"{name}: expected a float tensor in [-1, 1], got {frames.dtype} (map uint8 with "
-                        "x / 127.5 - 1)")
-    c, h, w = frames.shape[-3:]
-    if c != in_channels:
-        raise DataError(f"{name}: {c} channels, the autoencoder takes {in_channels} (RGB, channel axis 2)")
-    if h % DOWNSAMPLE_FACTOR or w % DOWNSAMPLE_FACTOR:
-        raise DataError(f"{name}: frame size {h}x{w} is not a multiple of {DOWNSAMPLE_FACTOR}")
-    if frames.numel():
-        lo, hi = torch.aminmax(frames.detach())
-        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
-            raise DataError(f"{name}: contains NaN or inf")
-        if lo.item() < -1 - _VALUE_TOL or hi.item() > 1 + _VALUE_TOL:
-            raise DataError(f"{name}: values outside [-1, 1] (min {lo.item():.4g}, max {hi.item():.4g}); the "
-                            "autoencoder does not clip (map uint8 with x / 127.5 - 1)")
-
-
-class DiagonalGaussian:
-    """Diagonal Gaussian posterior q(z | x) (LDM `DiagonalGaussianDistribution`).
-
-    Attributes:
-        mean, logvar: (..., c, h, w) tensors; logvar clamped to [-30, 20] as in LDM.
-    """
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
-        self.mean = mean
-        self.logvar = logvar.clamp(-30.0, 20.0)
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A reparameterised sample `mean + std * eps` (differentiable in mean and logvar)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def latents(self, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`sample(generator)` when `sample`, else `mode()`: the one switch between posterior draws and means."""
-        return self.sample(generator) if sample else self.mode()
-
-    def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) summed over the last three (c, h, w) axes: shape = leading axes, e.g. (b, t)."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar, dim=(-3, -2, -1))
-
-    def map(self, fn) -> DiagonalGaussian:
-        """Apply a reshape `fn` to mean and logvar (e.g. unfold `(b t)`)."""
-        return DiagonalGaussian(fn(self.mean), fn(self.logvar))
-
-
-def _check_config(cfg: AutoencoderConfig) -> None:
-    if 2 ** (len(cfg.channel_mult) - 1) != DOWNSAMPLE_FACTOR:
-        raise ConfigError(f"autoencoder.channel_mult: {len(cfg.channel_mult)} levels give a downsampling factor "
-                          f"{2 ** (len(cfg.channel_mult) - 1)}; KL-f8 needs 4 levels")
-    if cfg.rec_loss not in ("l1", "l2"):
-        raise ConfigError(f"autoencoder.rec_loss: {cfg.rec_loss!r} not in ('l1', 'l2')")
-    if cfg.temporal_merge not in MERGE_STRATEGIES:
-        raise ConfigError(f"autoencoder.temporal_merge: {cfg.temporal_merge!r} not in {MERGE_STRATEGIES}")
-    if not cfg.box_weight >= 0:
-        raise ConfigError(f"autoencoder.box_weight: {cfg.box_weight} must be >= 0")
-    if not cfg.video_temporal_weight >= 0:
-        raise ConfigError(f"autoencoder.video_temporal_weight: {cfg.video_temporal_weight} must be >= 0")
-    if cfg.video_latents not in ("mean", "sample"):
-        raise ConfigError(f"autoencoder.video_latents: {cfg.video_latents!r} not in ('mean', 'sample')")
-    if cfg.decode_chunk_frames < 1 or not 0 <= cfg.decode_chunk_overlap < cfg.decode_chunk_frames:
-        raise ConfigError("autoencoder.decode_chunk_overlap: need 0 <= overlap < decode_chunk_frames (got "
-                          f"{cfg.decode_chunk_overlap}, {cfg.decode_chunk_frames})")
-
-
-class Encoder(nn.Module):
-    """LDM encoder: conv_in, per level `num_res_blocks` ResBlocks (+ stride-2 conv except the last level), mid
-    (ResBlock, single-head attention, ResBlock), GN-SiLU-conv_out to 2 * latent_channels, then the 1x1
-    `quant_conv` (LDM keeps it outside the encoder; here it is the encoder's last layer).
-
-    (N, 3, H, W) -> (N, 2 * latent_channels, H/8, W/8): [mean, logvar] moments.
-    """
-
-    def __init__(self, cfg: AutoencoderConfig) -> None:
-        super().__init__()
-        ch = cfg.base_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for i, mult in enumerate(cfg.channel_mult):
-            level = nn.Module()
-            level.blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                level.blocks.append(ResBlock(block_in, ch * mult, dropout=cfg.dropout))
-                block_in = ch * mult
-            level.downsample = Downsample(block_in) if i < len(cfg.channel_mult) - 1 else nn.Identity()
-            self.down.append(level)
-        self.mid_block_1 = ResBlock(block_in, block_in, dropout=cfg.dropout)
-        self.mid_attn = SpatialSelfAttention(block_in, -1, zero_init=False)
-        self.mid_block_2 = ResBlock(block_in, block_in, dropout=cfg.dropout)
-        self.norm_out = GroupNorm32(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * cfg.latent_channels, 3, padding=1)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for block in level.blocks:
-                h = block(h)
-            h = level.downsample(h)
-        h = self.mid_block_2(self.mid_attn(self.mid_block_1(h)))
-        return self.quant_conv(self.conv_out(F.silu(self.norm_out(h))))
-
-
-class _TemporalMix(nn.Module):
-    """A temporal 3D-conv block and the alpha blend that merges it back into the spatial path."""
-
-    def __init__(self, ch: int, cfg: AutoencoderConfig) -> None:
-        super().__init__()
-        self.block = TemporalConvBlock(ch, dropout=cfg.dropout)
-        self.blender = AlphaBlender(cfg.temporal_merge, cfg.temporal_alpha_init)
-
-    def forward(self, h: torch.Tensor, num_frames: int, image_only: torch.Tensor | None) -> torch.Tensor:
-        if self.blender._exactly_one():  # the temporal branch would be discarded: skip computing it
-            return h
-        return self.blender(h, self.block(h, num_frames), image_only)
-
-
-class Decoder(nn.Module):
-    """LDM decoder: 1x1 `post_quant_conv`, conv_in, mid (ResBlock, attention, ResBlock), per level (deepest first)
-    `num_res_blocks + 1` ResBlocks (+ nearest x2 upsampling except the last), GN-SiLU-conv_out to RGB.
-
-    With `temporal=True` (`VideoDecoder`) a `_TemporalMix` follows every ResBlock; the spatial modules keep the
-    image decoder's parameter names, so an image decoder's state dict loads into it unchanged.
-
-    forward: z (N, latent_channels, h, w) with N = (b t) -> (N, 3, 8h, 8w).
-    """
-
-    def __init__(self, cfg: AutoencoderConfig, temporal: bool = False) -> None:
-        super().__init__()
-        self.temporal = temporal
-        ch = cfg.base_channels
-        block_in = ch * cfg.channel_mult[-1]
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, block_in, 3, padding=1)
-        self.mid_block_1 = ResBlock(block_in, block_in, dropout=cfg.dropout)
-        self.mid_attn = SpatialSelfAttention(block_in, -1, zero_init=False)
-        self.mid_block_2 = ResBlock(block_in, block_in, dropout=cfg.dropout)
-        if temporal:
-            self.mid_temporal = nn.ModuleList([_TemporalMix(block_in, cfg), _TemporalMix(block_in, cfg)])
-        self.up = nn.ModuleList()
-        for i in reversed(range(len(cfg.channel_mult))):
-            level = nn.Module()
-            level.blocks = nn.ModuleList()
-            if temporal:
-                level.temporal = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                level.blocks.append(ResBlock(block_in, ch * cfg.channel_mult[i], dropout=cfg.dropout))
-                block_in = ch * cfg.channel_mult[i]
-                if temporal:
-                    level.temporal.append(_TemporalMix(block_in, cfg))
-            level.upsample = Upsample(block_in) if i > 0 else nn.Identity()
-            self.up.append(level)
-        self.norm_out = GroupNorm32(block_in)
-        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
-
-    def spatial_parameters(self) -> Iterable[nn.Parameter]:
-        """Parameters of the image decoder (everything but the temporal mixes)."""
-        return (p for n, p in self.named_parameters() if "temporal" not in n)
-
-    def temporal_parameters(self) -> Iterable[nn.Parameter]:
-        return (p for n, p in self.named_parameters() if "temporal" in n)
-
-    def last_layer_weight(self) -> nn.Parameter:
-        """Weight the LDM adaptive GAN weight differentiates against: conv_out, or, when the spatial layers are
-        frozen (video fine-tuning), the last temporal block's output conv."""
-        if self.conv_out.weight.requires_grad or not self.temporal:
-            return self.conv_out.weight
-        return self.up[-1].temporal[-1].block.conv2.weight
-
-    def forward(
-        self, z: torch.Tensor, num_frames: int | None = None, image_only: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """z: ((b t), c, h, w) raw latents; num_frames = t (required by the temporal decoder); image_only: (b,)
-        bool or None (see `AlphaBlender`). Returns ((b t), 3, 8h, 8w), unbounded (ideally in [-1, 1])."""
-        if self.temporal and num_frames is None:
-            raise ValueError("the video decoder needs num_frames")
-        h = self.conv_in(self.post_quant_conv(z))
-        h = self.mid_block_1(h)
-        if self.temporal:
-            h = self.mid_temporal[0](h, num_frames, image_only)
-        h = self.mid_block_2(self.mid_attn(h))
-        if self.temporal:
-            h = self.mid_temporal[1](h, num_frames, image_only)
-        for level in self.up:
-            for j, block in enumerate(level.blocks):
-                h = block(h)
-                if self.temporal:
-                    h = level.temporal[j](h, num_frames, image_only)
-            h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class VideoDecoder(Decoder):
-    """The image decoder with temporal 3D-conv blocks + alpha blending after each ResNet block (see `Decoder`)."""
-
-    def __init__(self, cfg: AutoencoderConfig) -> None:
-        super().__init__(cfg, temporal=True)
-
-
-def chunk_windows(num_frames: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
-    """Start/stop frame indices of overlapping decode chunks covering `num_frames` frames.
-
-    Chunks have length `chunk` (the last one is shifted back to end at `num_frames`, so every chunk has the
-    length the temporal layers were trained on) and consecutive starts are `chunk - overlap` apart.
-    """
-    if num_frames <= chunk:
-        return [(0, num_frames)]
-    stride = chunk - overlap
-    starts = list(range(0, num_frames - chunk, stride)) + [num_frames - chunk]
-    return [(s, s + chunk) for s in starts]
-
-
-def _crossfade_weights(start: int, stop: int, first: bool, last: bool, prev_stop: int, next_start: int
-                       ) -> torch.Tensor:
-    """Per-frame blend weights of one chunk: linear ramps over the frames it shares with its neighbours."""
-    n = stop - start
-    w = torch.ones(n, dtype=torch.float64)
-    if not first and prev_stop > start:  # shared with the previous chunk: ramp up
-        k = prev_stop - start
-        w[:k] = torch.arange(1, k + 1, dtype=torch.float64) / (k + 1)
-    if not last and next_start < stop:  # shared with the next chunk: ramp down
-        k = stop - next_start
-        w[n - k:] = torch.minimum(w[n - k:], torch.arange(k, 0, -1, dtype=torch.float64) / (k + 1))
-    return w
 
 
 @register_model("autoencoder_kl", AutoencoderConfig)
@@ -329,12 +78,14 @@ class AutoencoderKL(nn.Module):
     can be downloaded here, so every preset runs without it (pure L1/L2 + KL + GAN).
     """
 
+    has_video_decoder: ClassVar[bool] = False  # True for `drivesim.autoencoder.video.VideoAutoencoder`
+
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
-        _check_config(config)
-        if config.video_decoder and not isinstance(self, VideoAutoencoder):
+        check_config(config)
+        if config.video_decoder and not self.has_video_decoder:
             raise ConfigError("autoencoder.video_decoder: true needs the video_autoencoder model class "
-                              "(AutoencoderKL.to_video / VideoAutoencoder.from_image)")
+                              "(VideoAutoencoder.from_image)")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder: Decoder = VideoDecoder(config) if config.video_decoder else Decoder(config)
@@ -409,7 +160,7 @@ class AutoencoderKL(nn.Module):
         total = torch.zeros(t, dtype=torch.float64)
         for i, (s, e) in enumerate(windows):
             rec = self._decode_frames(latents[:, s:e], image_only)
-            w = _crossfade_weights(s, e, i == 0, i == len(windows) - 1,
+            w = crossfade_weights(s, e, i == 0, i == len(windows) - 1,
                                    windows[i - 1][1] if i > 0 else s,
                                    windows[i + 1][0] if i + 1 < len(windows) else e)
             if out is None:
@@ -570,99 +321,6 @@ class AutoencoderKL(nn.Module):
                         logits_real=logits_real.mean().item(), logits_fake=logits_fake_d.mean().item())
         logs["loss"] = total.item()
         return total, logs
-
-    # ---------------------------------------------------------------------------------------------- video
-    def to_video(self, **overrides: Any) -> VideoAutoencoder:
-        """A `VideoAutoencoder` built from this image autoencoder (see `VideoAutoencoder.from_image`)."""
-        return VideoAutoencoder.from_image(self, **overrides)
-
-
-@register_model("video_autoencoder", AutoencoderConfig)
-class VideoAutoencoder(AutoencoderKL):
-    """KL-f8 autoencoder whose decoder has temporal layers (Video LDM decoder fine-tuning, SPEC step 4).
-
-    The encoder is frozen (`requires_grad=False`) so latents stay those the diffusion models were trained on;
-    the decoder's spatial layers are frozen unless `config.video_train_spatial`; the temporal layers train.
-    The loss is rec + [video_temporal_weight * temporal difference] + d_weight * g_adv + d_hinge against
-    `VideoDiscriminator3D` (no KL: the encoder is frozen), on the posterior mean or a posterior sample of the frozen
-    encoder (`config.video_latents`; mean by default, what the latent cache stores).
-    With every alpha = 1 (`drivesim.nn.temporal.force_alpha_one(model)`) the decoder IS the image decoder,
-    bit for bit.
-    """
-
-    def __init__(self, config: AutoencoderConfig) -> None:
-        if not config.video_decoder:
-            raise ConfigError("autoencoder.video_decoder: the video_autoencoder model class needs true")
-        super().__init__(config)
-        self.encoder.requires_grad_(False)
-        if not config.video_train_spatial:
-            for p in self.decoder.spatial_parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> VideoAutoencoder:
-        super().train(mode)
-        self.encoder.eval()  # frozen: dropout off, so latents are those of the image autoencoder
-        return self
-
-    @classmethod
-    def from_image(cls, image_ae: AutoencoderKL, **overrides: Any) -> VideoAutoencoder:
-        """Build the video autoencoder from a trained image autoencoder (load a checkpoint with
-        `drivesim.load(path)` first; the model layer never reads checkpoint files).
-
-        Encoder and decoder weights (and scale_factor) are copied; the temporal layers start as identity (zero
-        init) and the video discriminator is new. `overrides` replace AutoencoderConfig fields (e.g.
-        `temporal_merge`, `video_train_spatial`, `disc_start`).
-
-        Raises:
-            CheckpointError: `image_ae` is not an image autoencoder, or its latent channels disagree with an
-                explicit `latent_channels` override.
-        """
-        source = "image autoencoder"
-        if not isinstance(image_ae, AutoencoderKL) or isinstance(image_ae, VideoAutoencoder):
-            raise CheckpointError(f"{source}: model_class: already a video autoencoder")
-        want = overrides.get("latent_channels", image_ae.config.latent_channels)
-        if want != image_ae.config.latent_channels:
-            raise CheckpointError(f"{source}: config.latent_channels: {image_ae.config.latent_channels}, the video "
-                                  f"decoder wants {want}")
-        cfg = dataclasses.replace(image_ae.config, video_decoder=True, **overrides)
-        video = cls(cfg)
-        state = {k: v for k, v in image_ae.state_dict().items()
-                 if k.startswith(("encoder.", "decoder."))}
-        missing, unexpected = video.load_state_dict(state, strict=False)
-        bad = [k for k in missing if not (k.startswith("discriminator.") or "temporal" in k or k == "global_step")]
-        if bad or unexpected:
-            raise CheckpointError(f"{source}: {(bad or unexpected)[0]}: does not fit the video autoencoder")
-        return video
-
-    def attach_to(self, image_ae: AutoencoderKL, source: str = "video decoder") -> VideoAutoencoder:
-        """Check that this video decoder decodes the latents of `image_ae` (same latent channels, same encoder
-        weights, same scale factor) and return self.
-
-        Raises:
-            CheckpointError: latent channels, encoder weights or scale factor disagree (latents from `image_ae`
-                would be decoded wrongly).
-        """
-        if self.config.latent_channels != image_ae.config.latent_channels:
-            raise CheckpointError(f"{source}: config.latent_channels: {self.config.latent_channels}, the encoder "
-                                  f"gives {image_ae.config.latent_channels}")
-        mine, theirs = self.encoder.state_dict(), image_ae.encoder.state_dict()
-        for k, v in theirs.items():
-            if k not in mine or mine[k].shape != v.shape or not torch.equal(mine[k].cpu(), v.cpu()):
-                raise CheckpointError(f"{source}: encoder.{k}: differs from the image autoencoder's encoder "
-                                      "(fine-tuned from another autoencoder)")
-        if self.config.scale_factor != image_ae.config.scale_factor:
-            raise CheckpointError(f"{source}: config.scale_factor: {self.config.scale_factor}, the image "
-                                  f"autoencoder has {image_ae.config.scale_factor}")
-        return self
-
-    def _reconstruct_for_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian | None]:
-        """Decode the frozen encoder's posterior mean or sample (`config.video_latents`)."""
-        with torch.no_grad():
-            z = self.encode(x).latents(sample=self.config.video_latents == "sample")
-        return self._decode_frames(z), None
-
-    def _disc_input(self, frames: torch.Tensor) -> torch.Tensor:
-        return rearrange(frames, "b t c h w -> b c t h w")
 
 
 @torch.no_grad()
