@@ -30,3 +30,8 @@ def export_cmd(
     summary = export_dataset(source, out, fmt, every=every, image_format=image_format, command=command)
     typer.echo(f"wrote {out}: {summary['images']} images, {summary['boxes']} boxes from {summary['clips']} clip(s) "
                f"({fmt})")
+    extra = summary["unconditioned_boxes"]
+    if extra["boxes"]:
+        typer.echo(f"note: {extra['boxes']} box(es) in {extra['frames']} frame(s) did not condition the generated "
+                   f"frame (more boxes than the model's max_boxes): {extra['labels']}; counted in export.json",
+                   err=True)

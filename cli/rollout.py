@@ -64,6 +64,11 @@ def rollout_cmd(
     cfg = resolve_config(config, sets, upsample)
 
     def say(r: dict) -> None:
+        extra = r.get("unconditioned_boxes") or {}
+        if extra.get("boxes"):
+            typer.echo(f"note: {r['out']}: {extra['boxes']} labelled box(es) in {extra['frames']} frame(s) did not "
+                       f"condition the video (more than max_boxes={extra['max_boxes']} boxes in a frame: the "
+                       "largest are kept); rollout.json marks them \"conditioned\": false", err=True)
         if not as_json:
             typer.echo(f"{r['out']}: {r['frames_written']} frames ({r['num_frames'] / r['fps']:.1f} s at "
                        f"{r['fps']:g} fps) in {r['seconds']:.1f} s"

@@ -9,6 +9,7 @@ Layout::
       <id>.json              {"format_version": 1, "id", "fps", "width", "height", "num_frames", "night" (0/1),
                               "crowdedness" (vehicles in the clip), "source",
                               "frames": [{"index": k, "boxes": [{"track_id", "class", "x1", "y1", "x2", "y2"}]}]}
+                             a box of generated video may add "conditioned": false (see `Box`)
 
 Boxes are in pixels of that video, image frame (x right, y down, origin at the top-left corner of the top-left
 pixel), xyxy with x1 < x2, y1 < y2. Readers validate everything: a box that overlaps the image but sticks out is
@@ -41,7 +42,12 @@ SPLITS = ("train", "val")
 
 @dataclass(frozen=True)
 class Box:
-    """One 2D box in pixels of its video (image frame, xyxy)."""
+    """One 2D box in pixels of its video (image frame, xyxy).
+
+    `conditioned` is False only in the labels of generated video, for a box the model was not conditioned on (a
+    frame with more boxes than the model's `max_boxes` slots is conditioned on the largest ones): the frame may or
+    may not show that object, so exports make it an ignore region, never an object label.
+    """
 
     track_id: str
     cls: str
@@ -49,10 +55,14 @@ class Box:
     y1: float
     x2: float
     y2: float
+    conditioned: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"track_id": self.track_id, "class": self.cls, "x1": self.x1, "y1": self.y1, "x2": self.x2,
-                "y2": self.y2}
+        out = {"track_id": self.track_id, "class": self.cls, "x1": self.x1, "y1": self.y1, "x2": self.x2,
+               "y2": self.y2}
+        if not self.conditioned:  # written only when False: real clips and scenarios never carry it
+            out["conditioned"] = False
+        return out
 
 
 @dataclass
@@ -253,10 +263,13 @@ def parse_box(raw: Any, width: int, height: int, path: Path, where: str) -> tupl
     cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
     if cx2 <= cx1 or cy2 <= cy1:
         raise DataError(f"{path}: {where}: box lies outside the {width}x{height} image ({x1}, {y1}, {x2}, {y2})")
+    conditioned = raw.get("conditioned", True)
+    if not isinstance(conditioned, bool):
+        raise DataError(f"{path}: {where}.conditioned: expected true or false, got {conditioned!r}")
     note = None
     if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
         note = f"{path}: {where}: clipped to the image ({x1}, {y1}, {x2}, {y2}) -> ({cx1}, {cy1}, {cx2}, {cy2})"
-    return Box(str(track_id), cls, cx1, cy1, cx2, cy2), note
+    return Box(str(track_id), cls, cx1, cy1, cx2, cy2, conditioned), note
 
 
 def parse_frame_boxes(raw_boxes: list, width: int, height: int, path: Path, k: int,

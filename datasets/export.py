@@ -14,9 +14,13 @@ renamed to `OUT` at the end, and removed on any failure)::
 
 COCO: `images` carry id, width, height, file_name (relative to OUT), clip, frame, split; `annotations` carry
 id, image_id, category_id (1-based: CLASS_NAMES index + 1, 0 being reserved by COCO tools for background),
-bbox [x, y, w, h] in pixels (top-left corner, image frame), area (w * h), iscrowd 0, and the box's track id both
-as `track_id` (as in the video-COCO variants TAO / YouTube-VIS) and in `attributes`. YOLO: class = CLASS_NAMES
-index, cx cy w h normalised by the image width/height, 6 decimals.
+bbox [x, y, w, h] in pixels (top-left corner, image frame), area (w * h), iscrowd, and the box's track id both
+as `track_id` (as in the video-COCO variants TAO / YouTube-VIS) and in `attributes` (with `conditioned`). YOLO:
+class = CLASS_NAMES index, cx cy w h normalised by the image width/height, 6 decimals.
+
+Boxes of generated frames that did not condition the frame (`"conditioned": false` in a rollout's annotation: the
+frame had more boxes than the model's max_boxes and the smallest were dropped) may or may not be visible: COCO
+exports them as ignore regions (iscrowd 1), YOLO leaves them out; export.json counts them.
 
 Input: a folder with `manifest.json` (its clips, with their splits) or, for rollouts written without a manifest,
 every `<id>.json` annotation that has a `<id>.mp4` next to it (split "all").
@@ -133,7 +137,11 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
         image_format: "png" (lossless) or "jpg".
 
     Returns:
-        summary {"format", "clips", "images", "boxes", "out"} (also written to OUT/export.json).
+        summary {"format", "clips", "images", "boxes", "unconditioned_boxes", "out"} (also written to
+        OUT/export.json). "boxes" counts object labels; "unconditioned_boxes" {"boxes", "frames", "labels"} counts
+        the boxes of generated frames marked `"conditioned": false` (beyond the model's max_boxes, so the frame may
+        or may not show them): COCO gets them as ignore regions (iscrowd 1), YOLO, which has no ignore regions,
+        leaves them out.
 
     Raises:
         ConfigError: unknown format/image format, every < 1, `out` exists.
@@ -164,6 +172,7 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
         images: list[dict[str, Any]] = []
         coco_anns: list[dict[str, Any]] = []
         num_boxes = 0
+        ignored = {"boxes": 0, "frames": 0}  # boxes that did not condition their generated frame
         for clip, ann in zip(clips, annotations, strict=True):
             for k, frame in _frames_of(clip, ann):
                 if k % every:
@@ -177,17 +186,24 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
                                "file_name": f"images/{sub}{name}.{image_format}", "clip": clip.clip_id, "frame": k,
                                "split": clip.split})
                 boxes = ann.frames[k]
-                num_boxes += len(boxes)
-                if fmt == "yolo":
+                unconditioned = sum(not b.conditioned for b in boxes)
+                num_boxes += len(boxes) - unconditioned
+                ignored["boxes"] += unconditioned
+                ignored["frames"] += unconditioned > 0
+                if fmt == "yolo":  # YOLO has no ignore regions: an unconditioned box gets no label line
                     current = tmp / "labels" / f"{sub}{name}.txt"
-                    write_text(current, "".join(yolo_line(b, ann.width, ann.height) + "\n" for b in boxes))
+                    write_text(current, "".join(yolo_line(b, ann.width, ann.height) + "\n" for b in boxes
+                                                if b.conditioned))
                     continue
                 for b in boxes:
                     x, y, w, h = coco_box(b)
+                    # COCO's ignore region (iscrowd 1): neither an object to learn nor background; COCO eval,
+                    # detectron2, mmdetection and ultralytics' converter all skip it as a training target
                     coco_anns.append({"id": len(coco_anns) + 1, "image_id": image_id,
                                       "category_id": CLASS_TO_ID[b.cls] + 1, "bbox": [x, y, w, h], "area": w * h,
-                                      "iscrowd": 0, "track_id": b.track_id,
-                                      "attributes": {"track_id": b.track_id, "clip": clip.clip_id}})
+                                      "iscrowd": int(not b.conditioned), "track_id": b.track_id,
+                                      "attributes": {"track_id": b.track_id, "clip": clip.clip_id,
+                                                     "conditioned": b.conditioned}})
         if fmt == "coco":
             current = tmp / "annotations.json"
             coco = {"info": {"description": f"drivesim export of {root}", "version": "1.0"}, "licenses": [],
@@ -202,8 +218,11 @@ def export_dataset(root: str | Path, out: str | Path, fmt: str, every: int = 1, 
             train = "images/train" if "train" in splits else f"images/{sorted(splits)[0]}"
             val = "images/val" if "val" in splits else train
             write_text(current, f"path: .\ntrain: {train}\nval: {val}\nnc: {len(CLASS_NAMES)}\nnames:\n{names}")
+        how = ("COCO ignore regions (iscrowd 1, attributes.conditioned false)" if fmt == "coco"
+               else "left out of the YOLO labels (YOLO has no ignore regions)")
         summary = {"format": fmt, "source": str(root), "clips": len(clips), "images": len(images),
-                   "boxes": num_boxes, "every": every, "image_format": image_format, "command": command}
+                   "boxes": num_boxes, "unconditioned_boxes": {**ignored, "labels": how}, "every": every,
+                   "image_format": image_format, "command": command}
         current = tmp / "export.json"
         write_text(current, json.dumps(summary, indent=1))
         os.rename(tmp, out)

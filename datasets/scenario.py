@@ -80,10 +80,12 @@ class Scenario:
 
     @classmethod
     def from_clip(cls, annotation: ClipAnnotation) -> Scenario:
-        """The scenario of a real (or generated) clip: its labels, frame rate and pixel frame."""
+        """The scenario of a real (or generated) clip: its labels, frame rate and pixel frame. Every box of a
+        scenario is asked for, so a generated clip's `conditioned` marks are not carried over."""
         return cls(fps=float(annotation.fps), width=annotation.width, height=annotation.height,
                    night=annotation.night, crowdedness=annotation.crowdedness,
-                   frames=[list(boxes) for boxes in annotation.frames],
+                   frames=[[b if b.conditioned else replace(b, conditioned=True) for b in boxes]
+                           for boxes in annotation.frames],
                    source=f"clip {annotation.clip_id} ({annotation.source})")
 
     def to_json(self) -> dict[str, Any]:

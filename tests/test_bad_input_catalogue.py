@@ -280,6 +280,8 @@ CASES: list[Case] = [
          r"frames\[1\]\.boxes\[0\]: non-positive area"),
     Case("box outside the frame", clip_case(ann_edit(_box_edit(y1=40.0, y2=60.0))), r"clip_0000\.json",
          r"frames\[1\]\.boxes\[0\]: box lies outside the 64x32 image"),
+    Case("box conditioned not true/false", clip_case(ann_edit(_box_edit(conditioned="no"))), r"clip_0000\.json",
+         r"frames\[1\]\.boxes\[0\]\.conditioned: expected true or false, got 'no'"),
     Case("box unknown class (data info)", clip_case(ann_edit(_box_edit(**{"class": "spaceship"})), "info"),
          r"clip_0000\.json", r"frames\[1\]\.boxes\[0\]\.class: unknown class 'spaceship'"),
     # one rule for clips and scenarios: `data validate` accepted what `scenario validate` refused

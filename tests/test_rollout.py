@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -359,3 +360,61 @@ def test_a_stack_mixing_autoencoders_is_refused(tmp_path):
     (ckpt / "prediction" / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="prediction: encoder_id: prediction was trained on latents of another"):
         load_models(ckpt)
+
+
+def test_labels_mark_the_boxes_that_did_not_condition_the_frame(stack, tmp_path, capsys):
+    # the tiny U-Net has 8 box slots: a frame with 12 boxes is conditioned on its 8 largest, but rollout.json listed
+    # all 12 and the export made object labels of the 4 the model was never asked for
+    from drivesim.cli.main import main
+    from drivesim.datasets.scenario import load_scenario
+
+    from drivesim.pipeline.rollout import make_cond_fn
+
+    ckpt, _ = stack
+    order = [3, 10, 0, 7, 11, 5, 1, 8, 2, 9, 6, 4]  # not sorted by area: the area decides, not the file order
+    crowded = [Box(str(j), "car", 5 * j, 0, 5 * j + 4, 2 + 2 * j) for j in order]  # area 8 + 8j: distinct
+    frames = [crowded] * 3 + [crowded[:2]] * 2
+    scen = tmp_path / "crowded.json"
+    save_scenario(Scenario(fps=10.0, width=64, height=32, night=0, crowdedness=12, frames=frames), scen)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert main(["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "5", "--out", str(out),
+                 "--quiet", "--set", "steps=1"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(r"12 labelled box\(es\) in 3 frame\(s\) did not condition .*max_boxes=8",
+                                       err[0]), err
+
+    ann = read_annotation(out / "rollout.json")
+    # independent of the packer: the 8 largest by a sort in the test
+    for k, boxes in enumerate(ann.frames):
+        largest = {b.track_id for b in sorted(frames[k], key=lambda b: -(b.x2 - b.x1) * (b.y2 - b.y1))[:8]}
+        assert {b.track_id for b in boxes} == {b.track_id for b in frames[k]}  # nothing dropped silently
+        assert {b.track_id for b in boxes if b.conditioned} == largest
+    assert {b.track_id for b in ann.frames[0] if not b.conditioned} == {"0", "1", "2", "3"}
+    raw = json.loads((out / "rollout.json").read_text())["frames"][0]["boxes"]
+    assert sorted(b["track_id"] for b in raw if b.get("conditioned") is False) == ["0", "1", "2", "3"]
+    # the labels marked conditioned are exactly the boxes in the conditioning tensors of the frame
+    cond = make_cond_fn(load_scenario(scen), 8)(list(range(5)))
+    for k, boxes in enumerate(ann.frames):
+        given = {tuple(np.round(v, 4)) for v in cond.boxes[0, k][cond.box_mask[0, k]].tolist()}
+        labelled = {tuple(np.round([b.x1 / 64, b.y1 / 32, b.x2 / 64, b.y2 / 32], 4)) for b in boxes if b.conditioned}
+        assert given == labelled
+    record = json.loads((out / "rollout_config.json").read_text())["unconditioned_boxes"]
+    assert (record["boxes"], record["frames"], record["max_boxes"]) == (12, 3, 8)
+
+    # export: COCO makes them ignore regions (iscrowd 1), YOLO (no ignore regions) leaves them out; both count them
+    assert main(["export", str(out), "--format", "coco", "--out", str(tmp_path / "coco")]) == 0
+    note = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(note) == 1 and "12 box(es) in 3 frame(s) did not condition" in note[0] and "iscrowd 1" in note[0]
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    first = [a for a in coco["annotations"] if a["image_id"] == 1]
+    assert sorted(a["track_id"] for a in first if a["iscrowd"] == 1) == ["0", "1", "2", "3"]
+    assert all(a["attributes"]["conditioned"] is (a["iscrowd"] == 0) for a in coco["annotations"])
+    summary = json.loads((tmp_path / "coco" / "export.json").read_text())
+    assert summary["boxes"] == 3 * 8 + 2 * 2 and summary["unconditioned_boxes"]["boxes"] == 12
+    assert main(["export", str(out), "--format", "yolo", "--out", str(tmp_path / "yolo")]) == 0
+    assert "left out of the YOLO labels" in capsys.readouterr().err
+    lines = (tmp_path / "yolo" / "labels" / "val" / "rollout_000000.txt").read_text().splitlines()
+    assert len(lines) == 8
+    # a scenario taken from the rollout asks for every box again
+    assert all(b.conditioned for f in Scenario.from_clip(ann).frames for b in f)

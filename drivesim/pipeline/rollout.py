@@ -8,9 +8,11 @@ output folder:
     OUT/
       manifest.json            clip format (one clip "rollout", split "val": generated, evaluated against val)
       rollout.mp4              H.264 yuv420p (browser-playable), assembled from segments/ at the end
-      rollout.json             per-frame boxes (clip-format annotation): the scenario at the output rate
+      rollout.json             per-frame boxes (clip-format annotation): the scenario at the output rate; a box
+                               beyond the model's max_boxes (not conditioned on) has "conditioned": false
       scenario.json            the scenario actually used (resampled to the output fps, extended, N frames)
-      rollout_config.json      RolloutConfig, seed, plan (strides, stages, chunking), checkpoints, timings
+      rollout_config.json      RolloutConfig, seed, plan (strides, stages, chunking), checkpoints, timings,
+                               unconditioned_boxes (how many boxes in how many frames did not condition them)
       latents/keys_<u>.npy     key-frame latents of unit u (scaled, (k, 4, h/8, w/8) float32)
       latents/frames_<u>.npy   output-rate latents of unit u
       segments/seg_<u>.mp4     frames made final by unit u (each a closed, playable mp4; removed at the end
@@ -84,6 +86,25 @@ def make_cond_fn(scenario, max_boxes: int):
     return cond_fn
 
 
+def conditioned_track_ids(scenario, num_frames: int, max_boxes: int) -> list[set[str]]:
+    """The track ids of the boxes that condition each of frames [0, num_frames): the slots of the same `pack` that
+    `make_cond_fn` builds the conditioning from (a frame with more than `max_boxes` boxes keeps the largest)."""
+    from drivesim.datasets.scenario import pack, track_id_map
+
+    names = {v: k for k, v in track_id_map(scenario).items()}
+    packed = pack(scenario, 0, num_frames, max_boxes)
+    return [{names[int(t)] for t in packed.track_ids[k][packed.box_mask[k]]} for k in range(num_frames)]
+
+
+def unconditioned_record(frames, kept: list[set[str]], max_boxes: int) -> dict:
+    """How many labelled boxes did not condition their frame (rollout_config.json, the CLI's note)."""
+    extra = [sum(b.track_id not in ids for b in boxes) for boxes, ids in zip(frames, kept, strict=True)]
+    return {"boxes": sum(extra), "frames": sum(n > 0 for n in extra), "max_boxes": max_boxes,
+            "labels": f'marked "conditioned": false in {CLIP_ID}.json (frames with more than max_boxes boxes are '
+                      "conditioned on the largest); drivesim export makes them COCO ignore regions (iscrowd 1) and "
+                      "leaves them out of YOLO labels"}
+
+
 def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num_frames: int, resume: bool,
                      ckpt_dir: Path, progress: bool = True, max_units: int | None = None) -> dict:
     """One rollout of one scenario into `out` (layout in the module docstring).
@@ -94,7 +115,9 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
         ckpt_dir: recorded in rollout_config.json; max_units: stop after this many units (tests, budgets).
 
     Returns:
-        The runner's summary (frames_written, seconds, complete, resumed_from, ...) and "video".
+        The runner's summary (frames_written, seconds, complete, resumed_from, ...), and when complete "video" and
+        "unconditioned_boxes" ({"boxes", "frames", "max_boxes", "labels"}: labelled boxes that did not condition
+        their frame, see `conditioned_track_ids`).
 
     Raises:
         ConfigError: `out` holds a finished rollout and `resume` is False; DataError: a bad scenario or a size
@@ -119,15 +142,19 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
     scenario = prepare_scenario(scenario_path, cfg.fps, plan.cond_frames)
     max_boxes = models.image_ldm.config.unet.boxes.max_boxes
     cond_fn = make_cond_fn(scenario, max_boxes)
-    # the labels of the output frames: the scenario's boxes in the pixel frame of the rolled-out video
+    # the labels of the output frames: the scenario's boxes in the pixel frame of the rolled-out video, those that
+    # did not condition their frame (beyond max_boxes) marked: a detector trained on the labels must not learn an
+    # object the model was never asked for, and must not be told the region is background either
     labels = rescale(window(scenario, 0, num_frames), resolution[1], resolution[0])
+    kept = conditioned_track_ids(scenario, num_frames, max_boxes)
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": to_dict(cfg), "seed": seed, "num_frames": num_frames, "scenario": str(scenario_path),
               "checkpoints": str(ckpt_dir), "checkpoint_fingerprint": models.fingerprint,
               "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "decode_windows"}
               | {"decode_windows": len(plan.decode_windows), "num_units": plan.num_units},
               "frame_rates": {"output_fps": cfg.fps, "key_fps": cfg.fps / plan.key_spacing,
-                              "stages": list(plan.stages)}}
+                              "stages": list(plan.stages)},
+              "unconditioned_boxes": unconditioned_record(labels.frames, kept, max_boxes)}
     crf = cfg.segment_crf
 
     bar = None
@@ -162,8 +189,8 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
         if written != num_frames:
             raise DataError(f"{seg_dir}: segments: {written} frames, expected {num_frames}")
         k = models.upsampler.config.scale if cfg.upsample else 1
-        frames = [[Box(b.track_id, b.cls, b.x1 * k, b.y1 * k, b.x2 * k, b.y2 * k) for b in boxes]
-                  for boxes in labels.frames]
+        frames = [[Box(b.track_id, b.cls, b.x1 * k, b.y1 * k, b.x2 * k, b.y2 * k, b.track_id in ids) for b in boxes]
+                  for boxes, ids in zip(labels.frames, kept, strict=True)]
         h, w = resolution
         ann = ClipAnnotation(CLIP_ID, cfg.fps, w * k, h * k, labels.night, labels.crowdedness,
                              f"drivesim rollout of {scenario_path.name} (seed {seed})", frames)
@@ -174,6 +201,7 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
     if not cfg.keep_segments:
         shutil.rmtree(seg_dir, ignore_errors=True)
     summary["video"] = str(video)
+    summary["unconditioned_boxes"] = record["unconditioned_boxes"]
     return summary
 
 
