@@ -35,6 +35,7 @@ from drivesim.datasets.clips import Box, ClipAnnotation, parse_frame_boxes, read
 
 from drivesim.errors import ConfigError, DataError
 from drivesim.rollout import MAX_FRAMES as _MAX_ROLLOUT_FRAMES
+from drivesim.rollout import MAX_MINUTES as _MAX_ROLLOUT_MINUTES
 from drivesim.types import Conditioning
 
 FORMAT = "drivesim-scenario"
@@ -44,6 +45,7 @@ RESAMPLE_METHODS = ("linear", "nearest")
 # a scenario may run past the rollout it conditions (its last prediction clip); beyond this its frame lists alone
 # would not fit in memory
 MAX_FRAMES = 2 * _MAX_ROLLOUT_FRAMES
+MAX_MINUTES = 2 * _MAX_ROLLOUT_MINUTES  # `scenario from-clip --minutes`, checked before any clip is read
 
 
 @dataclass

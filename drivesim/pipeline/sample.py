@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+# samples per call: they are drawn as one batch (more: call again with another seed); 1e15 failed deep in torch
+MAX_SAMPLES = 256
+
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
 
@@ -167,7 +170,8 @@ def sample_images(ckpt: Path, boxes: Path, out: Path, *, night: int | None = Non
         {"out", "num_png", "decoded", "night", "crowdedness"}.
 
     Raises:
-        ConfigError: a bad label or a size the U-Net cannot take; DataError: a bad boxes.json;
+        ConfigError: a bad label, more than MAX_SAMPLES samples (before the model loads) or a size the U-Net
+        cannot take; DataError: a bad boxes.json;
         CheckpointError: unreadable checkpoints.
     """
     import torch
@@ -179,6 +183,9 @@ def sample_images(ckpt: Path, boxes: Path, out: Path, *, night: int | None = Non
 
     if night is not None and night not in (0, 1):
         raise ConfigError(f"--night: expected 0 or 1, got {night}")
+    if num_samples < 1 or num_samples > MAX_SAMPLES:  # before the model loads
+        raise ConfigError(f"--num-samples: {num_samples} is outside 1..{MAX_SAMPLES} (the limit of samples per call: "
+                          "they are drawn as one batch; run again with another --seed for more)")
     model = load_model(ckpt, "image_ldm", ema=_resolve_weights(ckpt, ema), device=device)
     spec = read_boxes_json(boxes, model.config.unet.boxes.max_boxes)
     night_label = night if night is not None else (spec["night"] or 0)

@@ -56,7 +56,8 @@ def scenario_from_clip(source: str, out: Path, *, fps: float | None = None, minu
         The scenario written.
 
     Raises:
-        ConfigError: a bad fps/minutes/mode, an output over the source; DataError: unreadable clips.
+        ConfigError: a bad fps/minutes/mode, minutes above `MAX_MINUTES` (before any clip is read) or frames above
+            `MAX_FRAMES`, an output over the source; DataError: unreadable clips.
     """
     if fps is not None and not fps > 0:
         raise ConfigError(f"--fps: must be positive, got {fps}")
@@ -66,6 +67,11 @@ def scenario_from_clip(source: str, out: Path, *, fps: float | None = None, minu
         raise ConfigError(f"--extend: expected one of {', '.join(sc.EXTEND_MODES)}, got {extend_mode!r}")
     if minutes is not None and not minutes > 0:
         raise ConfigError(f"--minutes: must be positive, got {minutes}")
+    if minutes is not None and minutes > sc.MAX_MINUTES:  # up front: 1e9 ran out of memory building the frames
+        from drivesim.rollout import _number
+
+        raise ConfigError(f"--minutes: {_number(minutes)} exceeds the limit of {_number(sc.MAX_MINUTES)} (minutes per "
+                          "scenario: twice the longest rollout)")
     out = Path(out)
     src = Path(source) if Path(source).exists() else Path(source.rpartition(":")[0] or source)
     check_output(out, {"SOURCE": src}, overwrite)
