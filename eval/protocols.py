@@ -36,10 +36,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,204 +43,36 @@ from typing import Any
 
 import numpy as np
 from drivesim.datasets.clips import (
-    ClipAnnotation,
-    ClipEntry,
-    load_clip,
     read_annotation,
-    read_manifest,
     read_video,
-    write_clip,
-    write_manifest,
+)
+from drivesim.eval.degradations import DEGRADATIONS, degrade_dataset, degrade_frames  # noqa: F401
+from drivesim.eval.results import (  # noqa: F401
+    RESULT_SCHEMA,
+    RESULT_SCHEMA_VERSION,
+    read_result,
+    validate_result,
+    write_result,
+)
+from drivesim.eval.windows import (  # noqa: F401
+    NUM_FRAMES,
+    ClipSample,
+    VideoRef,
+    Window,
+    draw_windows,
+    list_videos,
+    list_windows,
+    load_windows,
+    sample_clips,
 )
 
 import drivesim
 from drivesim.errors import ConfigError, DataError
 
-RESULT_SCHEMA = "drivesim-eval-result"
-RESULT_SCHEMA_VERSION = 1
-NUM_FRAMES = 16
 KVD_NUM_SUBSETS = 100
 KVD_MAX_SUBSET_SIZE = 1000
 I3D_BATCH = 4  # clips per I3D forward: (4, 16, 224, 224, 3) keeps peak memory under ~1 GiB on CPU
 INCEPTION_BATCH = 32  # frames per InceptionV3 forward
-
-
-# --------------------------------------------------------------------------------------------------------------
-# sources and windows
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VideoRef:
-    """One video of a source: its file, its annotation (None for bare mp4s) and an id unique within the source."""
-
-    video_id: str
-    video: Path
-    annotation: Path | None
-
-
-@dataclass(frozen=True)
-class Window:
-    """Frames [start, start + num_frames) of one video."""
-
-    video_id: str
-    start: int
-    num_frames: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.video_id}@{self.start}"
-
-
-@dataclass
-class ClipSample:
-    """Windows sampled from one source.
-
-    Attributes:
-        videos: (n, num_frames, h, w, 3) uint8 RGB, in the order of `windows`.
-        windows: which video and start frame each row came from.
-        skipped_short: ids of videos with fewer than `num_frames` frames (they give no window).
-        available: how many windows the source has in total.
-    """
-
-    videos: np.ndarray
-    windows: list[Window]
-    skipped_short: list[str]
-    available: int
-
-
-def list_videos(source: str | Path, split: str | None = None) -> list[VideoRef]:
-    """The videos of a source in a fixed order.
-
-    Args:
-        source: a clip-format folder (manifest order), a folder of `.mp4` files (sorted by name; a `<stem>.json`
-            next to one is taken as its annotation), or one video file.
-        split: with a clip-format folder, keep only that split ("train"/"val"); None keeps all.
-
-    Raises:
-        DataError: the source does not exist, has no videos, or `split` selects nothing.
-    """
-    source = Path(source)
-    if source.is_file():
-        ann = source.with_suffix(".json")
-        return [VideoRef(source.stem, source, ann if ann.is_file() else None)]
-    if not source.is_dir():
-        raise DataError(f"{source}: source: not a clip-format folder, a folder of .mp4 files or a video file")
-    if (source / "manifest.json").is_file():
-        manifest = read_manifest(source)
-        entries = manifest.clips if split is None else manifest.split(split)
-        if not entries:
-            raise DataError(f"{source / 'manifest.json'}: clips: no clips in split {split!r}")
-        return [VideoRef(e.clip_id, e.video, e.annotation) for e in entries]
-    if split is not None:
-        raise DataError(f"{source}: split: {split!r} given but the folder has no manifest.json")
-    mp4s = sorted(source.glob("*.mp4"))
-    if not mp4s:
-        raise DataError(f"{source}: source: no manifest.json and no .mp4 files")
-    return [VideoRef(p.stem, p, p.with_suffix(".json") if p.with_suffix(".json").is_file() else None) for p in mp4s]
-
-
-def _num_frames(ref: VideoRef) -> int:
-    """Frame count from the annotation when there is one (no decoding), else by decoding."""
-    if ref.annotation is not None:
-        return read_annotation(ref.annotation).num_frames
-    return int(read_video(ref.video).shape[0])
-
-
-def _decode(ref: VideoRef) -> np.ndarray:
-    if ref.annotation is not None:
-        frames, _ = load_clip(ClipEntry(ref.video_id, ref.video, ref.annotation, "val"))
-        return frames
-    return read_video(ref.video)
-
-
-def list_windows(refs: Sequence[VideoRef], num_frames: int = NUM_FRAMES) -> tuple[list[Window], list[str]]:
-    """All non-overlapping `num_frames` windows of `refs` (video order, then start), and the ids skipped as short."""
-    windows, short = [], []
-    for ref in refs:
-        t = _num_frames(ref)
-        if t < num_frames:
-            short.append(ref.video_id)
-        windows.extend(Window(ref.video_id, s, num_frames) for s in range(0, t - num_frames + 1, num_frames))
-    return windows, short
-
-
-def draw_windows(windows: Sequence[Window], n: int | None, seed: int, run: int = 0) -> list[Window]:
-    """Draw `n` of `windows` without replacement (all of them, in order, when `n` is None).
-
-    The generator is `numpy.random.default_rng([seed, run])`, so run r of seed s is the same on every machine;
-    the drawn windows are returned sorted in source order (the order does not change any metric).
-
-    Raises:
-        ConfigError: n < 2 or n larger than len(windows).
-    """
-    if n is None:
-        return list(windows)
-    if n < 2:
-        raise ConfigError(f"n: need at least 2 clips for a covariance, got {n}")
-    if n > len(windows):
-        raise ConfigError(f"n: {n} clips requested but the source has only {len(windows)} windows")
-    idx = np.sort(np.random.default_rng([seed, run]).choice(len(windows), size=n, replace=False))
-    return [windows[i] for i in idx]
-
-
-def load_windows(refs: Sequence[VideoRef], windows: Sequence[Window]) -> np.ndarray:
-    """Decode the frames of `windows` (each video decoded once).
-
-    Returns:
-        (len(windows), num_frames, h, w, 3) uint8 RGB.
-
-    Raises:
-        DataError: unreadable video, or videos of different resolutions (names both).
-    """
-    by_id = {r.video_id: r for r in refs}
-    needed: dict[str, list[int]] = {}
-    for i, w in enumerate(windows):
-        needed.setdefault(w.video_id, []).append(i)
-    out: np.ndarray | None = None
-    first: str = ""
-    for vid, rows in needed.items():
-        frames = _decode(by_id[vid])
-        if out is None:
-            out = np.empty((len(windows), windows[0].num_frames, *frames.shape[1:]), np.uint8)
-            first = str(by_id[vid].video)
-        elif frames.shape[1:] != out.shape[2:]:
-            raise DataError(f"{by_id[vid].video}: resolution: {frames.shape[2]}x{frames.shape[1]} differs from "
-                            f"{first} ({out.shape[3]}x{out.shape[2]}); one source must have one resolution")
-        for i in rows:
-            w = windows[i]
-            if w.start + w.num_frames > frames.shape[0]:
-                raise DataError(f"{by_id[vid].video}: num_frames: window at {w.start} needs {w.num_frames} frames, "
-                                f"video has {frames.shape[0]}")
-            out[i] = frames[w.start:w.start + w.num_frames]
-    if out is None:
-        raise DataError("windows: nothing to load")
-    return out
-
-
-def sample_clips(source: str | Path, num_frames: int = NUM_FRAMES, n: int | None = None, seed: int = 0,
-                 split: str | None = None, run: int = 0) -> ClipSample:
-    """Sample `n` non-overlapping `num_frames`-frame windows from a clip-format folder, a rollout folder or a video.
-
-    Args:
-        source: see `list_videos`.
-        num_frames: window length (16 for FVD_16).
-        n: windows to draw without replacement; None takes every window.
-        seed, run: the draw uses `numpy.random.default_rng([seed, run])` (see `draw_windows`).
-        split: restrict a clip-format folder to "train" or "val".
-
-    Returns:
-        A `ClipSample`; `videos` is (n, num_frames, h, w, 3) uint8 RGB at the source's native resolution.
-
-    Raises:
-        DataError: bad source, no window long enough, mixed resolutions. ConfigError: n out of range.
-    """
-    refs = list_videos(source, split)
-    windows, short = list_windows(refs, num_frames)
-    if not windows:
-        raise DataError(f"{source}: num_frames: no video has {num_frames} frames ({len(short)} shorter ones skipped)")
-    chosen = draw_windows(windows, n, seed, run)
-    return ClipSample(load_windows(refs, chosen), chosen, short, len(windows))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -559,148 +387,3 @@ def fvd_over_time(rollouts: str | Path | Sequence[str | Path], real_dir: str | P
                         "None",
         }),
     }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# result records
-# --------------------------------------------------------------------------------------------------------------
-
-
-def validate_result(record: Any, where: str = "result") -> dict[str, Any]:
-    """Check a result record's schema (as read from JSON). Returns it; raises DataError naming the field."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: <root>: expected an object")
-    if record.get("schema") != RESULT_SCHEMA:
-        raise DataError(f"{where}: schema: expected {RESULT_SCHEMA!r}, got {record.get('schema')!r}")
-    version = record.get("schema_version")
-    if not isinstance(version, int) or version > RESULT_SCHEMA_VERSION:
-        raise DataError(f"{where}: schema_version: {version!r} is not one this drivesim reads "
-                        f"(<= {RESULT_SCHEMA_VERSION})")
-    kind = record.get("kind")
-    if kind == "videos":
-        metrics = record.get("metrics")
-        if not isinstance(metrics, dict):
-            raise DataError(f"{where}: metrics: missing")
-        for name in ("fvd", "fid", "kvd"):
-            m = metrics.get(name)
-            if not isinstance(m, dict) or not isinstance(m.get("mean"), int | float):
-                raise DataError(f"{where}: metrics.{name}.mean: missing or not a number")
-    elif kind == "fvd_over_time":
-        curve = record.get("curve")
-        if not isinstance(curve, list) or not curve:
-            raise DataError(f"{where}: curve: missing or empty")
-        for i, c in enumerate(curve):
-            if not isinstance(c, dict) or not isinstance(c.get("start_frame"), int) \
-                    or not isinstance(c.get("fvd"), int | float):
-                raise DataError(f"{where}: curve[{i}]: needs integer start_frame and numeric fvd")
-    else:
-        raise DataError(f"{where}: kind: expected 'videos' or 'fvd_over_time', got {kind!r}")
-    if not isinstance(record.get("protocol"), dict):
-        raise DataError(f"{where}: protocol: missing")
-    return record
-
-
-def write_result(path: str | Path, record: dict[str, Any]) -> None:
-    """Write a result record as JSON atomically."""
-    from drivesim.datasets.clips import write_json_atomic
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, record)
-
-
-def read_result(path: str | Path) -> dict[str, Any]:
-    """Read and validate a result JSON. Raises DataError naming the file and field."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: result: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: result: not valid JSON ({e})") from None
-    return validate_result(data, str(path))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# degraded copies (sanity checks of the metrics)
-# --------------------------------------------------------------------------------------------------------------
-
-DEGRADATIONS = ("blur", "shuffle", "reencode")
-
-
-def degrade_frames(frames: np.ndarray, kind: str, rng: np.random.Generator, sigma: float = 2.0) -> tuple[
-        np.ndarray, np.ndarray]:
-    """Degrade one clip.
-
-    Args:
-        frames: (t, h, w, 3) uint8 RGB.
-        kind: "blur" (Gaussian blur of every frame, std `sigma` pixels, kernel 2*ceil(3 sigma)+1, reflected
-            borders), "shuffle" (frames permuted within the clip by `rng`), or "reencode" (unchanged pixels;
-            the copy only goes through the codec again, a control for the re-encoding the others also get).
-        rng: source of the permutation.
-
-    Returns:
-        (degraded frames (t, h, w, 3) uint8, order (t,) int: frame k of the output is frame order[k] of the input).
-    """
-    import cv2
-
-    t = frames.shape[0]
-    if kind == "blur":
-        k = 2 * int(np.ceil(3 * sigma)) + 1
-        out = np.stack([cv2.GaussianBlur(f, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
-                        for f in frames])
-        return out, np.arange(t)
-    if kind == "shuffle":
-        order = rng.permutation(t)
-        return frames[order], order
-    if kind == "reencode":
-        return frames.copy(), np.arange(t)
-    raise ConfigError(f"kind: expected one of {', '.join(DEGRADATIONS)}, got {kind!r}")
-
-
-def degrade_dataset(src: str | Path, dst: str | Path, kind: str = "blur", seed: int = 0, sigma: float = 2.0,
-                    split: str | None = None) -> Path:
-    """Write a degraded copy of a clip-format dataset (see `degrade_frames`) as a clip-format folder.
-
-    Shuffled clips keep their boxes attached to their frames (the annotation's frames are permuted the same way),
-    so the copy stays a valid conditioned dataset. The manifest records the source, kind, sigma and seed. The copy
-    is built in a temp folder next to `dst` and renamed, so `dst` is never partial.
-
-    Args:
-        src: clip-format folder. dst: output folder; must not exist.
-        kind: "blur", "shuffle" or "reencode". seed: permutation seed (clip i uses default_rng([seed, i])).
-        split: copy only this split (None: all).
-
-    Returns:
-        `dst`.
-
-    Raises:
-        DataError: bad source or `dst` exists. ConfigError: unknown kind.
-    """
-    if kind not in DEGRADATIONS:
-        raise ConfigError(f"kind: expected one of {', '.join(DEGRADATIONS)}, got {kind!r}")
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise DataError(f"{dst}: output: already exists")
-    manifest = read_manifest(src)
-    entries = manifest.clips if split is None else manifest.split(split)
-    if not entries:
-        raise DataError(f"{src / 'manifest.json'}: clips: no clips in split {split!r}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        for i, entry in enumerate(entries):
-            frames, ann = load_clip(entry)
-            out, order = degrade_frames(frames, kind, np.random.default_rng([seed, i]), sigma)
-            new_ann = ClipAnnotation(ann.clip_id, ann.fps, ann.width, ann.height, ann.night, ann.crowdedness,
-                                     f"{ann.source} | degraded: {kind}", [ann.frames[j] for j in order])
-            write_clip(tmp, out, new_ann)
-        meta = {k: v for k, v in manifest.meta.items() if k not in ("format", "format_version")}
-        meta["degraded"] = {"from": str(src.resolve()), "kind": kind, "seed": seed,
-                            "sigma": sigma if kind == "blur" else None}
-        write_manifest(tmp, [(e.clip_id, e.split) for e in entries], **meta)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst

@@ -210,8 +210,10 @@ def test_fvd_over_time_decodes_a_long_rollout_once_per_batch(tmp_path, dataset, 
     """A pooled curve over one long rollout must not decode the video again for every window (quadratic)."""
     rollouts = make_dataset(tmp_path / "rollouts", lengths=(160,), seed0=20)  # 10 windows
     decodes = []
-    real_decode = protocols._decode
-    monkeypatch.setattr(protocols, "_decode", lambda ref: decodes.append(ref.video_id) or real_decode(ref))
+    from drivesim.eval import windows
+
+    real_decode = windows._decode  # the windows module decodes every source video
+    monkeypatch.setattr(windows, "_decode", lambda ref: decodes.append(ref.video_id) or real_decode(ref))
     rec = fvd_over_time(rollouts, dataset, pool=3, extractors=stand_in_extractors())
     assert len(rec["curve"]) == 10
     rollout_decodes = [v for v in decodes if v == "0:clip_000"]  # rollout ids are numbered by source
