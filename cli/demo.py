@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from drivesim.pipeline.demo import STEPS, TRAIN_STEPS
+from drivesim.pipeline.demo_state import STEPS, TRAIN_STEPS
 
 EPILOG = """\
 Examples:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from drivesim.atomic import write_bytes_atomic
-from drivesim.pipeline.demo import STEPS, TRAIN_STEPS
+from drivesim.pipeline.demo_state import STEPS, TRAIN_STEPS
 
 
 def add_demo_section(html_path: Path, run: dict[str, Any]) -> None:
