@@ -4,12 +4,18 @@ Errors from bad user input (`DrivesimError`) and anticipated failures of the mac
 read-only disk, a file where a folder is needed; `MemoryError` and torch's allocation failures, which are
 RuntimeErrors; `RecursionError` from absurdly nested input) print as one red line and exit with status 1;
 `--debug` (anywhere on the command line) shows the traceback instead.
+
+SIGTERM (a job scheduler's stop, `kill PID`) is handled like Ctrl-C: it raises `Terminated`, a KeyboardInterrupt,
+where the command is, so every `finally` and `except BaseException` cleanup runs (temp files, partial folders, the
+run folder of a training that never checkpointed) and the exit status is 143 (128 + SIGTERM; Ctrl-C gives 130).
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import sys
+import threading
 
 import click
 import typer
@@ -66,10 +72,40 @@ def _root(
     """drivesim: box- and day/night-conditioned driving video with Video Latent Diffusion."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
+
+
+_sigterm = {"received": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    _sigterm["received"] = True
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `drivesim` console script. Returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    previous = None
+    _sigterm["received"] = False
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rc = _run(args, "--debug" in args)
+    except Terminated:
+        rc = 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if _sigterm["received"]:  # typer reports the interrupt as a plain 130; the cleanup has run by now
+        err_console.print("[red]terminated[/red] (SIGTERM)")
+        return 128 + signal.SIGTERM
+    return rc
+
+
+def _run(args: list[str], debug: bool) -> int:
     try:
         # standalone_mode=False makes click *return* the code of `raise typer.Exit(code)` instead of exiting
         rc = app(args=args, prog_name="drivesim", standalone_mode=False)

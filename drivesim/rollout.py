@@ -489,6 +489,9 @@ def _atomic_write(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(
             "Error while serializing: ")
         raise WriteError(f"{path}: write: {reason}; nothing was written") from None
+    except BaseException:  # Ctrl-C, SIGTERM (a KeyboardInterrupt in the CLI), any other failure
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -766,16 +769,16 @@ class Rollout:
         Raises:
             ConfigError: `out_dir` holds a rollout state but `resume` is False, or the state is of another config.
         """
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "latents").mkdir(exist_ok=True)
-        (self.out / "segments").mkdir(exist_ok=True)
         resumed_from = 0
-        if self.state_path.is_file():
+        if self.state_path.is_file():  # before any folder is made: a refused resume leaves `out_dir` as it was
             if not resume:
                 raise ConfigError(f"{self.state_path}: state: a rollout was already started here; pass --resume to "
                                   "continue it, or choose another --out")
             self._load_state()
             resumed_from = self.unit
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "latents").mkdir(exist_ok=True)
+        (self.out / "segments").mkdir(exist_ok=True)
         # files of units after the saved state were written by a killed run: they are regenerated
         for folder in ("latents", "segments"):
             for f in (self.out / folder).iterdir():

@@ -418,3 +418,66 @@ def test_labels_mark_the_boxes_that_did_not_condition_the_frame(stack, tmp_path,
     assert len(lines) == 8
     # a scenario taken from the rollout asks for every box again
     assert all(b.conditioned for f in Scenario.from_clip(ann).frames for b in f)
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")}
+
+
+def test_sigterm_is_handled_like_ctrl_c(stack, tmp_path):
+    # SIGTERM killed the process where it stood: temp files (.rollout.mp4.tmpPID.mp4, .state-N.safetensors.tmp,
+    # .seg_*.tmpPID.mp4) stayed; now it unwinds like Ctrl-C, exit 143, and the committed state stays resumable
+    ckpt, scen = stack
+    out = tmp_path / "o"
+    proc = subprocess.Popen(_cmd(ckpt, scen, out, 30), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads((out / "state.json").read_text())["unit"] >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "the rollout finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "Traceback" not in err, err
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], sorted(out.rglob("*"))
+    meta = json.loads((out / "state.json").read_text())
+    assert 1 <= meta["unit"] < meta["num_units"] and (out / meta["tensors_file"]).is_file()
+
+
+def test_a_rollout_that_fails_before_its_first_unit_leaves_nothing(stack, tmp_path, monkeypatch):
+    from drivesim.cli.main import main
+
+    from drivesim.rollout import Rollout
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    ckpt, scen = stack
+    monkeypatch.setattr(Rollout, "_run_unit", stopped)
+    argv = ["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "5", "--quiet", "--set",
+            "steps=1", "--out"]
+    assert main([*argv, str(tmp_path / "new")]) == 130
+    assert not (tmp_path / "new").exists()  # was: scenario.json, rollout_config.json, latents/, segments/
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    assert main([*argv, str(tmp_path / "mine")]) == 130
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_refused_resume_leaves_the_folder_as_it_was(stack, tmp_path):
+    from drivesim.cli.main import main
+
+    ckpt, scen = stack
+    out = tmp_path / "o"
+    argv = ["rollout", "--scenario", str(scen), "--ckpt-dir", str(ckpt), "--frames", "5", "--out", str(out),
+            "--quiet", "--set", "steps=1"]
+    assert main(argv) == 0
+    before = _tree(out)
+    assert "segments" not in before
+    assert main([*argv, "--seed", "1", "--resume"]) == 1  # another seed: refused
+    assert _tree(out) == before  # segments/ was made again before the state was read

@@ -1,7 +1,11 @@
-"""Guards for command outputs: never write over a command's own input, never replace a file without being asked."""
+"""Guards for command outputs: never write over a command's own input, never replace a file without being asked,
+never leave a folder of debris behind a run that failed before it had anything to resume from."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from drivesim.errors import ConfigError
@@ -27,3 +31,43 @@ def check_output(out: Path, inputs: dict[str, Path], overwrite: bool = False, fl
                               "output outside the inputs")
     if target.exists() and not overwrite:
         raise ConfigError(f"{out}: {flag}: already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def undo_unless_resumable(folder: Path, resumable: Callable[[], bool], restore: Sequence[str] = ()) -> Iterator[None]:
+    """Run the block; if it fails (any exception, Ctrl-C, SIGTERM) and `resumable()` is then False, put `folder`
+    back as it was: what the block created in it is removed (the folder too when the block created it), and the
+    files named in `restore` (records the block rewrites or appends to) get their earlier bytes back.
+
+    A run that fails after writing something a resume continues from (a checkpoint, a rollout state) is kept
+    whole: its records describe that state. The undo is best effort and never hides the original exception.
+    """
+    folder = Path(folder)
+    existed = folder.is_dir()
+    before = {p.name for p in folder.iterdir()} if existed else set()
+    saved = {name: (folder / name).read_bytes() for name in restore if (folder / name).is_file()}
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if not resumable():
+                _undo(folder, existed, before, saved)
+        raise
+
+
+def _undo(folder: Path, existed: bool, before: set[str], saved: dict[str, bytes]) -> None:
+    from drivesim.atomic import write_bytes_atomic
+
+    if not existed:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir():
+        if path.name in before:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for name, data in saved.items():
+        if (folder / name).read_bytes() != data:
+            write_bytes_atomic(folder / name, data)

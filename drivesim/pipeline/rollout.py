@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from drivesim.errors import ConfigError, DataError
+from drivesim.pipeline.outputs import undo_unless_resumable
 from drivesim.pipeline.video_io import concat_segments, write_segment
 
 CLIP_ID = "rollout"
@@ -147,7 +148,6 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
     # object the model was never asked for, and must not be told the region is background either
     labels = rescale(window(scenario, 0, num_frames), resolution[1], resolution[0])
     kept = conditioned_track_ids(scenario, num_frames, max_boxes)
-    out.mkdir(parents=True, exist_ok=True)
     record = {"config": to_dict(cfg), "seed": seed, "num_frames": num_frames, "scenario": str(scenario_path),
               "checkpoints": str(ckpt_dir), "checkpoint_fingerprint": models.fingerprint,
               "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "decode_windows"}
@@ -172,14 +172,18 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
 
     rollout = Rollout(models, cfg, cond_fn, num_frames, out, seed,
                       lambda p, f, fps: write_segment(p, f, fps, crf), resolution, progress=report)
-    if not (out / "state.json").is_file():
-        save_scenario(labels, out / "scenario.json")
-        write_json_atomic(out / "rollout_config.json", record)
-    try:
-        summary = rollout.run(resume=resume, max_units=max_units)
-    finally:
-        if bar is not None:
-            bar.stop()
+    # a rollout that fails (Ctrl-C, SIGTERM, an error) before its first unit is committed to state.json has nothing
+    # to resume from: what it wrote goes, and `out` too when this call made it
+    with undo_unless_resumable(out, lambda: (out / "state.json").is_file()):
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "state.json").is_file():
+            save_scenario(labels, out / "scenario.json")
+            write_json_atomic(out / "rollout_config.json", record)
+        try:
+            summary = rollout.run(resume=resume, max_units=max_units)
+        finally:
+            if bar is not None:
+                bar.stop()
     if not summary["complete"]:
         return summary
     seg_dir = out / "segments"

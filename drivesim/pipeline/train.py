@@ -7,6 +7,7 @@ stage registry (`drivesim.pipeline.stages`), records the resolved preset next to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from drivesim.configs import Preset, TrainConfig, dump_yaml, get_preset, load_yaml, override
 from drivesim.errors import ConfigError
+from drivesim.pipeline.outputs import undo_unless_resumable
 from drivesim.pipeline.stages import get_stage, parse_opts
 
 
@@ -76,11 +78,13 @@ def train_stage(stage: str, preset: Preset, data: Path, out: Path, *, opts: dict
         ConfigError: unknown stage or option, missing data, `resume=False` on a folder with checkpoints, an
             invalid training config, a resume that changes the optimisation without `allow_config_change=True`
             (`drivesim.training.history`); DataError / CheckpointError from the stage's builder and the loop.
+            Whatever fails before the first checkpoint is written (Ctrl-C and SIGTERM too) leaves `out` as it was
+            (`drivesim.pipeline.outputs.undo_unless_resumable`): nothing there a resume could use.
     """
     import torch
 
     from drivesim.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
-    from drivesim.training.history import check_resume_config
+    from drivesim.training.history import HISTORY_NAME, check_resume_config
     from drivesim.training.loop import train, validate_train_config
 
     spec = get_stage(stage)
@@ -98,8 +102,17 @@ def train_stage(stage: str, preset: Preset, data: Path, out: Path, *, opts: dict
     if tc.init_from is not None and not (Path(tc.init_from) / "config.json").is_file():
         raise ConfigError(f"{tc.init_from}: --init-from: no exported checkpoint here (config.json missing)")
 
-    torch.manual_seed(tc.seed)
-    model, dataset, collate_fn = spec.build(preset, data, **stage_opts)
-    if int(os.environ.get("RANK", "0")) == 0:
-        dump_yaml(preset, out / f"config-{stage}.yaml")
-    return train(model, dataset, tc, out, collate_fn=collate_fn, resume=resume, progress=progress, **train_kwargs)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    # a run that fails before its first checkpoint (bad data, a full disk, SIGTERM) has nothing to resume from: its
+    # config-<stage>.yaml, history.jsonl, empty checkpoints/ and logs/ would only mislead, so they go (a folder
+    # that was there keeps what it held, its records their earlier bytes); once a checkpoint exists all stays
+    records = (f"config-{stage}.yaml", HISTORY_NAME)
+    undo = (undo_unless_resumable(out, lambda: latest_checkpoint(out / CHECKPOINTS_DIR) is not None, records)
+            if main_process else contextlib.nullcontext())
+    with undo:
+        torch.manual_seed(tc.seed)
+        model, dataset, collate_fn = spec.build(preset, data, **stage_opts)
+        if main_process:
+            dump_yaml(preset, out / f"config-{stage}.yaml")
+        return train(model, dataset, tc, out, collate_fn=collate_fn, resume=resume, progress=progress,
+                     **train_kwargs)

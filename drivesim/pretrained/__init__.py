@@ -66,7 +66,11 @@ def install_checkpoint(folder: str | Path, dst: str | Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp)
+    try:
+        shutil.copytree(folder, tmp)
+    except BaseException:  # a full disk, Ctrl-C, SIGTERM: no half copy left next to dst
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
