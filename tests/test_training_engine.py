@@ -480,3 +480,26 @@ def test_init_from_starts_a_fresh_run_from_exported_weights(tmp_path):
                                                    _quick_cfg(max_steps=1, init_from=str(tmp_path / "src")),
                                                    tmp_path / "bad", progress=False),
                     "model.safetensors", "shape")
+
+
+def test_one_host_sync_per_optimizer_step_not_per_micro_batch(tmp_path, monkeypatch):
+    # a GPU stalls at every .item() / float(tensor) / bool(tensor): the loop may read the device once per optimizer
+    # step (is the step good?), plus on log steps; never once per micro-batch
+    import sys as _sys
+
+    from drivesim.training import loop
+
+    calls = []
+    for name in ("item", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            if _sys._getframe(1).f_code.co_filename == loop.__file__:
+                calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = _quick_cfg(max_steps=6, grad_accum_steps=4, log_every=100, checkpoint_every=100, ema_decay=0.0)
+    train(_toy_model(host_rng=False), toy.ToyDataset(64), cfg, tmp_path, progress=False)
+    # 6 steps x 1 check + the last step's log (loss, grad norm) + the result's final loss
+    assert len(calls) <= 6 + 3, calls

@@ -312,28 +312,30 @@ def train(
     wrapper.train()
     try:
         while step < cfg.max_steps:
-            loss_sum, logs_sum, bad = 0.0, {}, False
+            # no host sync per micro-batch: the loss is summed on the device and checked once per optimizer step
+            loss_sum = torch.zeros((), device=accelerator.device)
+            nonfinite = torch.zeros((), device=accelerator.device)
+            logs_sum: dict[str, float] = {}
             for _ in range(cfg.grad_accum_steps):
                 batch = send_to_device(stream.next(), accelerator.device)
                 with accelerator.accumulate(wrapper):
-                    if bad:
-                        continue  # a skipped step still consumes its data, so the order stays fixed
                     loss, logs = wrapper(batch)
-                    finite = torch.isfinite(loss.detach()).to(torch.float32)
-                    if world > 1:
-                        finite = accelerator.reduce(finite, "sum") / world
-                    if finite.item() < 1.0:
-                        bad = True  # every process skips together, so DDP never waits on a missing backward
-                        continue
+                    # a non-finite loss still goes backward (its gradients are discarded below), so every
+                    # process runs the same collectives and the data order stays fixed
                     accelerator.backward(loss)
-                    loss_sum += loss.detach().item() / cfg.grad_accum_steps
+                    loss = loss.detach().float()
+                    nonfinite = nonfinite + (~torch.isfinite(loss)).float()
+                    loss_sum = loss_sum + torch.nan_to_num(loss) / cfg.grad_accum_steps
                     for k, v in logs.items():
                         logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.grad_accum_steps
-            grad_norm = None
-            if not bad:
-                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                if grad_norm is not None and not math.isfinite(float(grad_norm)) and accelerator.scaler is None:
-                    bad = True
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if world > 1:  # every process skips together, so none waits in a collective the others left
+                nonfinite = accelerator.reduce(nonfinite, "sum")
+            if grad_norm is not None and accelerator.scaler is None:  # (with a scaler, it skips inf steps itself)
+                # the norm of the all-reduced gradients: the same on every process
+                grad_norm = torch.as_tensor(grad_norm, device=accelerator.device)
+                nonfinite = nonfinite + (~torch.isfinite(grad_norm)).float()
+            bad = bool(nonfinite.item() > 0)  # the one host sync of the step
             if bad:
                 optimizer.zero_grad(set_to_none=True)
                 consecutive_bad += 1
@@ -355,19 +357,21 @@ def train(
                 final_loss = loss_sum
             step += 1
 
+            shown = None  # the loss reaches the host only on log steps
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logs = {"loss": loss_sum, **logs_sum, "lr": scheduler.get_last_lr()[0],
+                loss_value = float(loss_sum)
+                shown = None if bad else loss_value
+                logs = {"loss": loss_value, **logs_sum, "lr": scheduler.get_last_lr()[0],
                         "bad_steps": float(state["bad_steps_total"])}
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 if world > 1:
-                    logs["loss"] = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device),
-                                                      "mean").item()
+                    logs["loss"] = accelerator.reduce(loss_sum, "mean").item()
                 if cfg.tracker:
                     accelerator.log(logs, step=step)
             elapsed = time.monotonic() - t0
             if bar is not None:
-                bar.update(step, None if bad else loss_sum, (step - start_step) / max(elapsed, 1e-9), elapsed)
+                bar.update(step, shown, (step - start_step) / max(elapsed, 1e-9), elapsed)
 
             out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
             if world > 1:  # processes must agree, or one would wait forever in the next collective
@@ -414,7 +418,7 @@ def train(
     return TrainResult(step=step, start_step=start_step, stop_reason=stop_reason, last_checkpoint=last_saved,
                        export_dir=export_dir, ema_export_dir=ema_export_dir, bad_steps=bad_this_call,
                        elapsed_s=elapsed, steps_per_s=(step - start_step) / max(elapsed, 1e-9),
-                       final_loss=final_loss)
+                       final_loss=None if final_loss is None else float(final_loss))
 
 
 def _continue_with_new_hyperparameters(optimizer, scheduler, fresh_groups: list[dict]) -> None:
