@@ -40,11 +40,14 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
 @dataclass(frozen=True)
 class FrameBoxes:
     """Boxes of one frame: `boxes` (m, 4) float pixels xyxy (image frame), `classes` (m,) int64 class ids,
-    `scores` (m,) float in [0, 1] for detections (None for ground truth)."""
+    `scores` (m,) float in [0, 1] for detections (None for ground truth), `ignore` (m,) bool for ground truth: True
+    for a box the generated frame was not conditioned on (COCO's ignore region: neither to find nor background).
+    None: no box is ignored."""
 
     boxes: np.ndarray
     classes: np.ndarray
     scores: np.ndarray | None = None
+    ignore: np.ndarray | None = None
 
 
 def _xywh(boxes: np.ndarray) -> np.ndarray:
@@ -57,7 +60,9 @@ def coco_ap(detections: Sequence[FrameBoxes], ground_truth: Sequence[FrameBoxes]
 
     Args:
         detections: per frame, detected boxes with scores (any number; COCOeval keeps the top 100 per frame).
-        ground_truth: per frame, the boxes to find; same length as `detections`.
+        ground_truth: per frame, the boxes to find; same length as `detections`. Boxes marked `ignore` are
+            COCO crowd regions (iscrowd 1): a detection on one is neither a hit nor a false positive, and they are
+            not counted in num_gt.
 
     Returns:
         {bucket: {"AP", "AP50", "AP75", "num_gt"}} for every bucket of `AREA_RANGES`; AP values in [0, 1], None
@@ -74,16 +79,18 @@ def coco_ap(detections: Sequence[FrameBoxes], ground_truth: Sequence[FrameBoxes]
     images, annotations, results = [], [], []
     for i, (det, gt) in enumerate(zip(detections, ground_truth, strict=True)):
         images.append({"id": i})
-        for box, cls in zip(_xywh(gt.boxes), np.asarray(gt.classes).reshape(-1), strict=True):
+        classes = np.asarray(gt.classes).reshape(-1)
+        ignore = np.zeros(len(classes), bool) if gt.ignore is None else np.asarray(gt.ignore, bool).reshape(-1)
+        for box, cls, crowd in zip(_xywh(gt.boxes), classes, ignore, strict=True):
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(cls) + 1,
-                                "bbox": box.tolist(), "area": float(box[2] * box[3]), "iscrowd": 0})
+                                "bbox": box.tolist(), "area": float(box[2] * box[3]), "iscrowd": int(crowd)})
         scores = np.asarray(det.scores, dtype=np.float64).reshape(-1)
         for box, cls, score in zip(_xywh(det.boxes), np.asarray(det.classes).reshape(-1), scores, strict=True):
             results.append([i, *box.tolist(), float(score), int(cls) + 1])
     out: dict[str, dict[str, float | None]] = {}
-    gt_area = np.array([a["area"] for a in annotations]) if annotations else np.zeros(0)
+    gt_area = np.array([a["area"] for a in annotations if not a["iscrowd"]] or [], np.float64)
     num_gt = {name: int(((gt_area >= lo) & (gt_area < hi)).sum()) for name, (lo, hi) in AREA_RANGES.items()}
-    if not annotations or not results:
+    if not gt_area.size or not results:
         for name in AREA_RANGES:
             ap = 0.0 if num_gt[name] else None
             out[name] = {"AP": ap, "AP50": ap, "AP75": ap, "num_gt": num_gt[name]}
@@ -171,7 +178,8 @@ def load_clip_frames(root, split: str | None, size: tuple[int, int], max_clips: 
         for k, frame_boxes in enumerate(ann.frames):
             xyxy = np.array([[b.x1 * sx, b.y1 * sy, b.x2 * sx, b.y2 * sy] for b in frame_boxes], np.float64)
             boxes.append(FrameBoxes(xyxy.reshape(-1, 4), np.array([CLASS_TO_ID[b.cls] for b in frame_boxes],
-                                                                   np.int64)))
+                                                                   np.int64),
+                                    ignore=np.array([not b.conditioned for b in frame_boxes], bool)))
             clip_of.append(c)
             frame_of.append(k)
         night.append(ann.night)

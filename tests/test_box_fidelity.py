@@ -78,6 +78,21 @@ def test_coco_ap_matches_hand_computed_three_box_fixture():
     assert coco_ap(none, one)["all"]["AP"] == 0.0
 
 
+def test_boxes_that_did_not_condition_the_frame_are_ignore_regions():
+    # a generated frame's labels keep the boxes beyond max_boxes marked "conditioned": false; counted as ground
+    # truth they made every rollout with crowded frames look worse at following its boxes
+    gt = [FrameBoxes(np.array([[10, 10, 30, 30], [50, 10, 80, 40]], float), np.array([0, 0]),
+                     ignore=np.array([False, True]))]
+    found = [FrameBoxes(np.array([[10, 10, 30, 30]], float), np.array([0]), np.array([0.9]))]
+    ap = coco_ap(found, gt)
+    assert ap["all"]["AP"] == pytest.approx(1.0) and ap["all"]["num_gt"] == 1  # the ignored box is no miss
+    as_object = [FrameBoxes(gt[0].boxes, gt[0].classes)]
+    assert coco_ap(found, as_object)["all"]["AP"] == pytest.approx(51 / 101)  # recall 1/2 when it counts
+    # a detection on the ignored box is no false positive either (scored above the hit)
+    both = [FrameBoxes(np.array([[50, 10, 80, 40], [10, 10, 30, 30]], float), np.array([0, 0]), np.array([0.95, 0.9]))]
+    assert coco_ap(both, gt)["all"]["AP"] == pytest.approx(1.0)
+
+
 def test_shuffled_partners_is_a_derangement():
     for n in (2, 3, 16):
         p = shuffled_partners(n, seed=5)

@@ -418,6 +418,11 @@ def test_labels_mark_the_boxes_that_did_not_condition_the_frame(stack, tmp_path,
     assert len(lines) == 8
     # a scenario taken from the rollout asks for every box again
     assert all(b.conditioned for f in Scenario.from_clip(ann).frames for b in f)
+    # box fidelity (eval boxes, the demo) makes them ignore regions, not boxes the video failed to draw
+    from drivesim.eval.box_fidelity import load_clip_frames
+
+    gt = load_clip_frames(out, None, (32, 64)).boxes
+    assert [int(f.ignore.sum()) for f in gt] == [4, 4, 4, 0, 0] and len(gt[0].boxes) == 12
 
 
 def _tree(root: Path) -> dict[str, int]:
