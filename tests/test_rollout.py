@@ -305,7 +305,7 @@ def test_labels_follow_the_rollout_resolution(stack, tmp_path):
 def test_kill_between_the_two_state_writes_still_resumes(stack, tmp_path, monkeypatch, request):
     # the state is a tensors file and state.json; a kill after the first write and before the second left a pair
     # no resume could read ("tensors_sha256: does not match state.json"). Simulate that kill, resume, compare.
-    import drivesim.rollout as rollout_module
+    import drivesim.rollout.runner as rollout_module
     from drivesim.pipeline.rollout import make_cond_fn, prepare_scenario
     from drivesim.rollout import Rollout
 
