@@ -23,7 +23,6 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
+from drivesim.datasets.video import iter_video_frames, read_video, write_video  # noqa: F401  (re-exported)
 
 from drivesim.atomic import atomic_path, write_bytes_atomic, write_json_atomic  # noqa: F401  (re-exported)
 from drivesim.errors import DataError
@@ -116,93 +116,6 @@ class Manifest:
 
     def split(self, name: str) -> list[ClipEntry]:
         return [c for c in self.clips if c.split == name]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# video i/o (PyAV)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20) -> None:
-    """Write RGB frames as an H.264 (yuv420p) mp4 that browsers play.
-
-    Args:
-        path: output file (written to a temp name in the same folder, then renamed).
-        frames: (t, h, w, 3) uint8 RGB; h and w must be even (yuv420p).
-        fps: frames per second.
-        crf: x264 constant rate factor (lower = better quality, bigger file).
-
-    Raises:
-        ValueError: wrong dtype/shape or odd size.
-        WriteError: the file cannot be written (full or read-only disk); the temp file is removed.
-    """
-    import av
-
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be (t, h, w, 3) uint8, got {frames.shape} {frames.dtype}")
-    t, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"H.264 yuv420p needs even frame sizes, got {w}x{h}")
-    with atomic_path(path, suffix=".mp4") as tmp:  # PyAV's file-system errors are OSErrors: WriteError
-        with av.open(str(tmp), mode="w") as container:
-            from fractions import Fraction
-
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-
-
-def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Decode a video frame by frame (memory does not grow with its length): yields (h, w, 3) uint8 RGB.
-
-    Raises:
-        DataError: missing, unreadable or truncated file, or a frame whose size differs from the first frame's
-            (names the file and the frame index).
-    """
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: video: file not found")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: video: no video stream")
-            first = None
-            for k, frame in enumerate(container.decode(video=0)):
-                size = (frame.width, frame.height)
-                if first is None:
-                    first = size
-                elif size != first:  # a stream can switch resolution midway (concatenated recordings)
-                    raise DataError(f"{path}: video: frame {k} is {size[0]}x{size[1]} but frame 0 is "
-                                    f"{first[0]}x{first[1]} (the frame size changes midway)")
-                yield frame.to_ndarray(format="rgb24")
-    except DataError:
-        raise
-    except Exception as e:  # PyAV raises several error types for corrupt/truncated files
-        raise DataError(f"{path}: video: cannot decode ({type(e).__name__}: {e})") from None
-
-
-def read_video(path: str | Path) -> np.ndarray:
-    """Decode a video file to RGB frames.
-
-    Returns:
-        (t, h, w, 3) uint8 RGB.
-
-    Raises:
-        DataError: the file is missing, unreadable, truncated, has no video frames or changes its frame size
-            midway (names the file, and the frame).
-    """
-    frames = list(iter_video_frames(path))
-    if not frames:
-        raise DataError(f"{path}: video: no decodable frames (empty or truncated file)")
-    return np.stack(frames)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -574,112 +487,3 @@ def write_synthetic_dataset(root: str | Path, clips: int = 2, frames: int = 4, s
         rows.append((clip_id, split))
     write_manifest(root, rows, source="synthetic test", command="write_synthetic_dataset", seed=seed)
     return read_manifest(root)
-
-
-def dataset_summary(root: str | Path) -> dict[str, Any]:
-    """Statistics of a dataset from its manifest and annotations (videos are not decoded).
-
-    Returns:
-        {"path", "format_version", "source", "splits": {split: stats}, "all": stats}, where stats has "clips",
-        "frames", "fps" (sorted distinct), "resolutions" (sorted distinct "WxH"), "day", "night",
-        "boxes_per_frame_mean", "boxes_per_frame_max", "empty_frames", "crowdedness_mean", "classes"
-        ({name: box count}, every known class listed).
-
-    Raises:
-        DataError: invalid manifest or annotation (the first one found).
-    """
-    from drivesim.bbox_conditioning.classes import CLASS_NAMES
-
-    manifest = read_manifest(root)
-
-    def empty() -> dict[str, Any]:
-        return {"clips": 0, "frames": 0, "fps": set(), "resolutions": set(), "day": 0, "night": 0, "boxes": 0,
-                "boxes_per_frame_max": 0, "empty_frames": 0, "crowdedness": 0, "classes": dict.fromkeys(CLASS_NAMES, 0)}
-
-    stats: dict[str, dict[str, Any]] = {"all": empty()}
-    for entry in manifest.clips:
-        ann = read_annotation(entry.annotation)
-        for s in (stats.setdefault(entry.split, empty()), stats["all"]):
-            s["clips"] += 1
-            s["frames"] += ann.num_frames
-            s["fps"].add(ann.fps)
-            s["resolutions"].add(f"{ann.width}x{ann.height}")
-            s["night" if ann.night else "day"] += 1
-            s["crowdedness"] += ann.crowdedness
-            for boxes in ann.frames:
-                s["boxes"] += len(boxes)
-                s["boxes_per_frame_max"] = max(s["boxes_per_frame_max"], len(boxes))
-                s["empty_frames"] += not boxes
-                for b in boxes:
-                    s["classes"][b.cls] += 1
-
-    def finish(s: dict[str, Any]) -> dict[str, Any]:
-        frames = max(s["frames"], 1)
-        return {"clips": s["clips"], "frames": s["frames"], "fps": sorted(s["fps"]),
-                "resolutions": sorted(s["resolutions"]), "day": s["day"], "night": s["night"],
-                "boxes_per_frame_mean": round(s["boxes"] / frames, 3), "boxes_per_frame_max": s["boxes_per_frame_max"],
-                "empty_frames": s["empty_frames"], "crowdedness_mean": round(s["crowdedness"] / max(s["clips"], 1), 3),
-                "classes": s["classes"]}
-
-    return {"path": str(manifest.root), "format_version": manifest.meta.get("format_version"),
-            "source": manifest.meta.get("source", ""),
-            "splits": {k: finish(v) for k, v in stats.items() if k != "all"}, "all": finish(stats["all"])}
-
-
-@dataclass
-class ValidationReport:
-    """Result of `validate_dataset`: `problems` fail validation; `notes` (e.g. clipped boxes) do not."""
-
-    clips_checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def validate_dataset(root: str | Path, decode: bool = True) -> ValidationReport:
-    """Check every clip of a dataset: manifest, annotation fields and boxes, video decoding, frame count/size.
-
-    Boxes that overlap the image but stick out are clipped by readers: they are reported as notes, not problems,
-    because training sees a valid box either way (renderers and projections routinely emit them). Every other
-    finding is a problem; all boxes of a file are checked, not just the first bad one.
-
-    Args:
-        decode: also decode every video (slow on big datasets; False checks the JSON only).
-
-    Returns:
-        a ValidationReport; problem/note lines each name the file and the field.
-    """
-    report = ValidationReport()
-    try:
-        manifest = read_manifest(root)
-    except DataError as e:
-        report.problems.append(str(e))
-        return report
-    for entry in manifest.clips:
-        report.clips_checked += 1
-        box_problems: list[str] = []
-        try:
-            ann = read_annotation(entry.annotation, problems=box_problems)
-        except DataError as e:
-            report.problems.append(str(e))
-            ann = None
-        report.problems.extend(box_problems)
-        if ann is not None:
-            report.notes.extend(ann.notes)
-            if ann.clip_id != entry.clip_id:
-                report.problems.append(f"{entry.annotation}: id: {ann.clip_id!r} but the manifest lists "
-                                       f"{entry.clip_id!r}")
-        if not decode:
-            if not entry.video.is_file():
-                report.problems.append(f"{entry.video}: video: file not found")
-            continue
-        try:
-            frames = read_video(entry.video)
-            if ann is not None:
-                check_video_agrees(entry, ann, frames)
-        except DataError as e:
-            report.problems.append(str(e))
-    return report

@@ -5,8 +5,9 @@ import math
 import shutil
 
 import pytest
-from drivesim.datasets.clips import load_clip, read_annotation, read_manifest, validate_dataset, write_synthetic_dataset
+from drivesim.datasets.clips import load_clip, read_annotation, read_manifest, write_synthetic_dataset
 from drivesim.datasets.torch_data import ClipDataset
+from drivesim.datasets.validate import validate_dataset
 
 from drivesim.errors import DataError
 

@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 from drivesim.cli.main import main
-from drivesim.datasets.clips import read_manifest, validate_dataset
+from drivesim.datasets.clips import read_manifest
 from drivesim.datasets.nuscenes import NuScenesClips, category_to_class, export_clips
 from drivesim.datasets.torch_data import ClipDataset
+from drivesim.datasets.validate import validate_dataset
 
 from drivesim.errors import ConfigError, DataError
 

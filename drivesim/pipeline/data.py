@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drivesim.datasets.clips import dataset_summary, read_annotation, read_manifest, validate_dataset
+from drivesim.datasets.clips import read_annotation, read_manifest
 from drivesim.datasets.export import export_dataset
 from drivesim.datasets.nuscenes import export_clips as from_nuscenes
 from drivesim.datasets.preview import filmstrip, preview
 from drivesim.datasets.simulate import simulate
+from drivesim.datasets.validate import dataset_summary, validate_dataset
 from drivesim.errors import ConfigError, DataError
 
 __all__ = ["dataset_summary", "export_dataset", "filmstrip_clip", "from_nuscenes", "parse_size", "preview",
