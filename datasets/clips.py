@@ -15,6 +15,9 @@ Boxes are in pixels of that video, image frame (x right, y down, origin at the t
 pixel), xyxy with x1 < x2, y1 < y2. Readers validate everything: a box that overlaps the image but sticks out is
 clipped to it (and reported in `ClipAnnotation.notes`); a box that is NaN/inf, has non-positive area or lies fully
 outside the image is an error naming the file and field.
+
+One module because it is the format's single definition: the data model, the parsers and the writers that must
+round-trip with them.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class InterpolationWindows(Dataset):
         num_frames: window length, 4k + 1.
         frame_stride: stride of the fine stage in source frames.
 
-    Items: those of `LatentClipDataset` plus "stage" () int64 (0 or 1) and "frame_stride" () int64.
+    Items: those of `LatentClipDataset` plus "interpolation_stage" () int64 (0 or 1) and "frame_stride" () int64.
 
     Raises:
         DataError: num_frames not 4k + 1, or no window of a stage fits any clip of the split (with the clip length
@@ -76,6 +76,6 @@ class InterpolationWindows(Dataset):
         k = next(i for i in range(len(self.stages)) if index < self.offsets[i + 1])
         stage, ds = self.stages[k]
         item = ds[index - self.offsets[k]]
-        item["stage"] = torch.tensor(stage, dtype=torch.int64)
+        item["interpolation_stage"] = torch.tensor(stage, dtype=torch.int64)
         item["frame_stride"] = torch.tensor(ds.frame_stride, dtype=torch.int64)
         return item

@@ -15,6 +15,8 @@ A cache is written to a temp file next to `path` and renamed on close, so a cras
 write (full or read-only disk, I/O error) removes the temp file and raises one `WriteError` naming `path`. A reader
 given `expected_encoder_id` refuses a cache written by another encoder (config or weights changed), since its
 latents no longer match what the decoder expects.
+
+One module because the HDF5 layout's writer and reader are kept side by side so they cannot drift apart.
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ executes so slowly that single frames took 30-300 s whenever much ground was in 
 (anisotropic degree 1) renders the same frame in well under 0.1 s. Also: no skybox, no multisampling, the ego's own
 256k-triangle model hidden from the roof camera, traffic drawn from the light vehicle models only, the 1x1 main
 window's scene pass switched off, one llvmpipe thread per process.
+
+One module because it runs as a script inside the simulator's own environment (numpy 1.24, gym 0.25), where the
+rest of drivesim is not importable.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Every frame from 0 to num_frames - 1 must be listed, in order (`index` is option
 a file with a frame missing is an error, not a silently shorter scenario). Track ids are unique within a frame.
 Boxes that overlap the image but stick out are clipped (noted in `Scenario.notes`); NaN/inf, non-positive area,
 fully outside the image, or an unknown class are errors naming the file and the field.
+
+One module because it is the scenario format's single definition: reader, writer and the time transforms
+(resample, extend, window) that keep its invariants.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ name, so a typo fails at load time, not deep inside training.
 
 Each model's config block is owned by the module that implements the model; the model stores its config as
 `.config` and a checkpoint's `config.json` holds `to_dict(config)`.
+
+One module because every config dataclass and every preset are read together: it is where a user sees everything a
+preset fixes.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ class ImageLDMConfig:
 class VideoLDMConfig:
     """Key-frame prediction or interpolation model = spatial U-Net + temporal layers."""
 
-    stage: str = "prediction"  # prediction | interpolation
+    task: str = "prediction"  # prediction | interpolation (what the video model does; not a training stage)
     num_frames: int = 8
     unet: UNetConfig = field(default_factory=UNetConfig)
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
@@ -273,9 +276,9 @@ def _tiny() -> Preset:
         autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 1, 2, 2), num_res_blocks=1, disc_start=2,
                                       disc_channels=8, disc_layers=2),
         image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=4)),
-        prediction=VideoLDMConfig(stage="prediction", num_frames=4, unet=unet,
+        prediction=VideoLDMConfig(task="prediction", num_frames=4, unet=unet,
                                   diffusion=DiffusionConfig(num_inference_steps=4)),
-        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1,
+        interpolation=VideoLDMConfig(task="interpolation", num_frames=5, unet=unet, frame_stride=1,
                                      diffusion=DiffusionConfig(num_inference_steps=4)),
         upsampler=UpsamplerConfig(patch_size=16, chunk_frames=4,
                                   unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
@@ -304,9 +307,9 @@ def _cpu_small() -> Preset:
         autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, box_weight=1.0,
                                       disc_start=1000, disc_channels=32, disc_layers=3, video_temporal_weight=1.0),
         image_ldm=ImageLDMConfig(unet=unet, diffusion=DiffusionConfig(num_inference_steps=25)),
-        prediction=VideoLDMConfig(stage="prediction", num_frames=6, unet=unet,
+        prediction=VideoLDMConfig(task="prediction", num_frames=6, unet=unet,
                                   diffusion=DiffusionConfig(num_inference_steps=25)),
-        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1,
+        interpolation=VideoLDMConfig(task="interpolation", num_frames=5, unet=unet, frame_stride=1,
                                      diffusion=DiffusionConfig(num_inference_steps=25)),
         # the pixel-space upsampler takes no boxes
         upsampler=UpsamplerConfig(patch_size=64, unet=dataclasses.replace(unet, in_channels=6, out_channels=3,
@@ -333,8 +336,8 @@ def _paper() -> Preset:
         resolution=(128, 256),
         autoencoder=AutoencoderConfig(base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2),
         image_ldm=ImageLDMConfig(unet=unet),
-        prediction=VideoLDMConfig(stage="prediction", num_frames=8, unet=unet, frame_stride=16),  # 1.875 fps of 30
-        interpolation=VideoLDMConfig(stage="interpolation", num_frames=5, unet=unet, frame_stride=1),
+        prediction=VideoLDMConfig(task="prediction", num_frames=8, unet=unet, frame_stride=16),  # 1.875 fps of 30
+        interpolation=VideoLDMConfig(task="interpolation", num_frames=5, unet=unet, frame_stride=1),
         upsampler=UpsamplerConfig(
             patch_size=80, unet=UNetConfig(in_channels=6, out_channels=3, model_channels=128,
                                            channel_mult=(1, 2, 4, 4), num_res_blocks=2,

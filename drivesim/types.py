@@ -14,7 +14,7 @@ from drivesim.errors import DataError
 
 BATCH_KEYS = ("boxes", "classes", "box_mask", "night", "crowdedness")
 """The batch keys conditioning is read from, everywhere (datasets, latent cache, scenarios, boxes.json); optional:
-"stage" (interpolation) and "track_ids" (labels only: no model reads them)."""
+"interpolation_stage" (the interpolation model) and "track_ids" (labels only: no model reads them)."""
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Conditioning:
         context_latents: (b, t, c, h, w) scaled latents of the context frames (zeros elsewhere), or None.
         context_mask: (b, t) bool, True for frames given as context (prediction / interpolation), or None.
         context_noise_level: (b,) int64 diffusion timestep the context latents were perturbed to (LVDM), or None.
-        stage: (b,) int64 interpolation stage label (0: T -> 4T, 1: 4T -> 16T), or None.
+        interpolation_stage: (b,) int64 interpolation stage label (0: T -> 4T, 1: 4T -> 16T), or None.
         drop_boxes / drop_night / drop_crowdedness: (b,) bool, True where that condition is replaced by its
             learned null (classifier-free guidance); None means nothing dropped.
         image_only: (b,) bool, True for samples that are single images (alpha forced to 1), or None.
@@ -47,7 +47,7 @@ class Conditioning:
     context_latents: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None
     context_noise_level: torch.Tensor | None = None
-    stage: torch.Tensor | None = None
+    interpolation_stage: torch.Tensor | None = None
     drop_boxes: torch.Tensor | None = None
     drop_night: torch.Tensor | None = None
     drop_crowdedness: torch.Tensor | None = None
@@ -61,8 +61,9 @@ class Conditioning:
 
         Args:
             batch: `BATCH_KEYS` ("boxes" (b, t, n, 4) normalised xyxy, image frame; "classes" (b, t, n); "box_mask"
-                (b, t, n); "night" (b,); "crowdedness" (b,)) and optionally "stage" (b,), as tensors or arrays of
-                any dtype (cast to float32 / int64 / bool / int64). Other keys ("latents", "track_ids") are ignored.
+                (b, t, n); "night" (b,); "crowdedness" (b,)) and optionally "interpolation_stage" (b,), as tensors or
+                arrays of any dtype (cast to float32 / int64 / bool / int64). Other keys ("latents", "track_ids") are
+                ignored.
             source: named in errors (the batch's origin).
 
         Raises:
@@ -75,7 +76,8 @@ class Conditioning:
         if boxes.ndim != 4 or boxes.shape[-1] != 4:
             raise DataError(f"{source}: boxes: expected (b, t, n, 4), got shape {tuple(boxes.shape)}")
         b, t, n = boxes.shape[:3]
-        want = {"classes": (b, t, n), "box_mask": (b, t, n), "night": (b,), "crowdedness": (b,), "stage": (b,)}
+        want = {"classes": (b, t, n), "box_mask": (b, t, n), "night": (b,), "crowdedness": (b,),
+                "interpolation_stage": (b,)}
         out = {}
         for key, shape in want.items():
             if key not in batch or batch[key] is None:

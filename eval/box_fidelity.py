@@ -12,6 +12,9 @@ AP is reported over all boxes, by COCO size (small < 32^2, medium < 96^2, large,
 buckets that fit 128x256 driving frames, on sqrt(area): < 8 px, 8-16 px, >= 16 px, and >= 12 px. A ground-truth box
 outside a bucket is ignored in that bucket, and so is an unmatched detection outside it (COCOeval's area ranges).
 AP averages IoU 0.50:0.05:0.95; AP50 and AP75 are single thresholds; 100 detections per frame.
+
+One module because it is one protocol (frames, boxes, AP buckets, shuffled control, frame change) whose parts are
+recorded together in every result.
 """
 
 from __future__ import annotations

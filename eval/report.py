@@ -15,6 +15,8 @@ The page needs no network: the FVD-over-time plot is a matplotlib PNG in a data 
 H.264 mp4 as a base64 data URI (re-encoded smaller when the file is large), and the clip's boxes travel as
 embedded JSON that a small script draws on a <canvas> over the video, with a checkbox to toggle them.
 `report.json` holds the same content without the media: results, sample metadata, caveats.
+
+One module because it builds one self-contained HTML page (tables, embedded videos and plots) from result records.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ The cache is `$DRIVESIM_CACHE` or `~/.cache/drivesim`.
 
 `fetch_source_file` keeps the original file itself (`<cache>/sources/`, verified the same way) for one purpose:
 comparing our networks with the reference ones (`benchmarks/extractor_equivalence.py`, `scripts/setup_reference.sh`).
+
+One module because it is the whole weights story of the two evaluators: fetching, verifying, converting to
+safetensors, caching.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ def test_from_batch_casts_and_keeps_values():
     assert cond.boxes.dtype == torch.float32 and cond.classes.dtype == torch.int64
     assert cond.box_mask.dtype == torch.bool and cond.night.dtype == cond.crowdedness.dtype == torch.int64
     assert torch.equal(cond.boxes, batch["boxes"].float()) and cond.night.tolist() == [0, 1]
-    assert cond.crowdedness.tolist() == [3, 5] and cond.stage is None and cond.context_latents is None
-    assert Conditioning.from_batch(batch | {"stage": torch.tensor([0, 1])}).stage.tolist() == [0, 1]
+    assert cond.crowdedness.tolist() == [3, 5] and cond.interpolation_stage is None and cond.context_latents is None
+    staged = Conditioning.from_batch(batch | {"interpolation_stage": torch.tensor([0, 1])})
+    assert staged.interpolation_stage.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("key", BATCH_KEYS)
@@ -61,8 +62,8 @@ def test_frames_as_images_folds_time_into_the_batch():
     images = cond.frames_as_images()
     assert images.boxes.shape == (6, 1, 4, 4) and images.night.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(images.boxes[4, 0], cond.boxes[1, 1]) and torch.equal(images.box_mask[2, 0], cond.box_mask[0, 2])
-    with pytest.raises(ValueError, match="stage"):
-        cond.replace(stage=torch.zeros(2, dtype=torch.int64)).frames_as_images()
+    with pytest.raises(ValueError, match="interpolation_stage"):
+        cond.replace(interpolation_stage=torch.zeros(2, dtype=torch.int64)).frames_as_images()
 
 
 def test_null_condition_drops_everything():

@@ -63,7 +63,7 @@ def _batch(b=2, t=4, seed=0, stage=None):
     batch = {"latents": torch.randn(b, t, 4, H, W, generator=g), "boxes": c.boxes, "classes": c.classes,
              "box_mask": c.box_mask, "night": c.night, "crowdedness": c.crowdedness}
     if stage is not None:
-        batch["stage"] = torch.full((b,), stage)
+        batch["interpolation_stage"] = torch.full((b,), stage)
     return batch
 
 
@@ -374,7 +374,7 @@ def test_registered_and_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded.unet(x, t, cond), model.unet(x, t, cond))
     assert not any(p.requires_grad for n, p in loaded.unet.named_parameters()
                    if n in loaded.unet.spatial_parameter_names)
-    with pytest.raises(ConfigError, match="stage"):
+    with pytest.raises(ConfigError, match="task"):
         PredictionLDM(TINY.interpolation)
 
 
@@ -410,7 +410,7 @@ def test_interpolation_windows_strides_and_stage(tmp_path):
     for i in range(len(ds)):
         item = ds[i]
         idx = item["latents"][:, 0, 0, 0]
-        strides.setdefault(int(item["stage"]), set()).add(float(idx[1] - idx[0]))
+        strides.setdefault(int(item["interpolation_stage"]), set()).add(float(idx[1] - idx[0]))
         assert item["latents"].shape == (5, 4, H, W)
     assert strides == {0: {4.0}, 1: {1.0}}
     with pytest.raises(DataError, match="num_frames"):
@@ -459,3 +459,15 @@ def test_pinned_video_sampling_loop(sampler):
                        generator=torch.Generator().manual_seed(7))
     assert torch.equal(out[mask], ctx[mask])
     np.testing.assert_allclose([out.sum().item(), out.std().item()], PINNED_VIDEO[sampler], rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoints_with_the_old_stage_field_still_load(tmp_path):
+    # VideoLDMConfig.stage became .task ("stage" also names the training stages and the x4 interpolation stages)
+    import json
+
+    torch.manual_seed(0)
+    save_model(PredictionLDM(TINY.prediction), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["config"]["stage"] = meta["config"].pop("task")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "m", "prediction_ldm").config == TINY.prediction

@@ -18,7 +18,7 @@ exactly the image model.
   mask) is the unconditional model that guidance contrasts with.
 - Interpolation: windows of 4k + 1 frames (5 by default: key, 3 new, key); key frames every 4th frame given
   with p = 1 - `interpolation_uncond_p` (0.9, LVDM), else none. One model serves both x4 stages, told which by
-  `cond.stage` (0: T -> 4T, 1: 4T -> 16T), an embedding added to the time embedding.
+  `cond.interpolation_stage` (0: T -> 4T, 1: 4T -> 16T), an embedding added to the time embedding.
 - Labels and boxes condition every frame; day/night, crowdedness and the box set are dropped per clip with
   the U-Net config's probabilities (classifier-free guidance), as in the image LDM.
 
@@ -69,7 +69,7 @@ class VideoLDM(nn.Module):
     """Shared machinery of the prediction and interpolation models (context frames, perturbation, guidance).
 
     Args:
-        config: `VideoLDMConfig`; `config.stage` must match the class.
+        config: `VideoLDMConfig`; `config.task` must match the class.
 
     Attributes:
         unet: the `VideoUNet` (checkpoint keys start with `unet.spatial.`).
@@ -79,15 +79,15 @@ class VideoLDM(nn.Module):
         ConfigError: inconsistent config (field named).
     """
 
-    stage_name: ClassVar[str] = ""
+    task_name: ClassVar[str] = ""
     num_stages: ClassVar[int] = 0
 
     def __init__(self, config: VideoLDMConfig):
         super().__init__()
         check_video_config(config)
-        if config.stage != self.stage_name:
-            raise ConfigError(f"config: stage: {type(self).__name__} needs stage {self.stage_name!r}, got "
-                              f"{config.stage!r}")
+        if config.task != self.task_name:
+            raise ConfigError(f"config: task: {type(self).__name__} needs task {self.task_name!r}, got "
+                              f"{config.task!r}")
         self.config = config
         self.unet = VideoUNet(config.unet, config.temporal, context_input=True, num_stages=self.num_stages)
         self.denoiser = Denoiser(self.unet, config.diffusion)
@@ -105,11 +105,11 @@ class VideoLDM(nn.Module):
         if icfg.unet != config.unet:
             diff = next(f.name for f in dataclasses.fields(config.unet)
                         if getattr(icfg.unet, f.name) != getattr(config.unet, f.name))
-            raise ConfigError(f"config: {config.stage}.unet.{diff}: differs from the image LDM's "
+            raise ConfigError(f"config: {config.task}.unet.{diff}: differs from the image LDM's "
                               f"({getattr(config.unet, diff)!r} vs {getattr(icfg.unet, diff)!r})")
         for name in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
             if getattr(icfg.diffusion, name) != getattr(config.diffusion, name):
-                raise ConfigError(f"config: {config.stage}.diffusion.{name}: differs from the image LDM's "
+                raise ConfigError(f"config: {config.task}.diffusion.{name}: differs from the image LDM's "
                                   f"({getattr(config.diffusion, name)!r} vs {getattr(icfg.diffusion, name)!r})")
         model = cls(config).to(next(image_ldm.parameters()).device)
         model.unet.load_spatial_state(image_ldm.unet.state_dict())
@@ -121,18 +121,18 @@ class VideoLDM(nn.Module):
 
         Args:
             batch: "latents" (b, t, c, h, w) scaled latents, "boxes" (b, t, n, 4) normalised xyxy, "classes"
-                (b, t, n) int64, "box_mask" (b, t, n) bool, "night" (b,), "crowdedness" (b,) (+ "stage" (b,) for
-                the interpolation model).
+                (b, t, n) int64, "box_mask" (b, t, n) bool, "night" (b,), "crowdedness" (b,) (+ "interpolation_stage"
+                (b,) for the interpolation model).
         Raises:
             DataError: a key is missing or shapes disagree with the config (message names the field).
         """
         if "latents" not in batch:
-            raise DataError(f"batch: latents: missing ({self.stage_name} needs {', '.join(BATCH_KEYS)})")
+            raise DataError(f"batch: latents: missing ({self.task_name} needs {', '.join(BATCH_KEYS)})")
         x0 = batch["latents"].float()
         if x0.ndim != 5 or x0.shape[2] != self.config.unet.in_channels:
             raise DataError(f"batch: latents: expected (b, t, {self.config.unet.in_channels}, h, w), got "
                             f"{tuple(x0.shape)}")
-        return x0, Conditioning.from_batch({k: v for k, v in batch.items() if k != "stage"})
+        return x0, Conditioning.from_batch({k: v for k, v in batch.items() if k != "interpolation_stage"})
 
     def draw_context_mask(self, b: int, t: int, device: torch.device) -> torch.Tensor:
         """(b, t) bool training mask of context frames (model-specific)."""
@@ -206,7 +206,8 @@ class VideoLDM(nn.Module):
         """Generate scaled latents for every frame of `cond`, the context frames kept as given.
 
         Args:
-            cond: `Conditioning` for b videos of t frames (boxes of every frame; `stage` for interpolation).
+            cond: `Conditioning` for b videos of t frames (boxes of every frame; `interpolation_stage` for the
+                interpolation model).
             latent_size: (h, w) of the latents (pixels / 8).
             context_latents: (b, t, c, h, w) clean scaled latents, read on the context frames only; or None.
             context_mask: (b, t) bool context frames; None or all False: unconditional generation.
@@ -265,8 +266,8 @@ def check_video_config(config: VideoLDMConfig, source: str = "config") -> None:
 
     check_temporal_config(config.temporal, source)
     check_diffusion_config(config.diffusion, source)
-    if config.stage not in ("prediction", "interpolation"):
-        raise ConfigError(f"{source}: stage: {config.stage!r} not in ('prediction', 'interpolation')")
+    if config.task not in ("prediction", "interpolation"):
+        raise ConfigError(f"{source}: task: {config.task!r} not in ('prediction', 'interpolation')")
     if config.num_frames < 2:
         raise ConfigError(f"{source}: num_frames: must be >= 2, got {config.num_frames}")
     if config.frame_stride < 1:
@@ -282,7 +283,7 @@ def check_video_config(config: VideoLDMConfig, source: str = "config") -> None:
                           f"{config.context_frames}")
     if not 0.0 <= config.interpolation_uncond_p <= 1.0:
         raise ConfigError(f"{source}: interpolation_uncond_p: must be in [0, 1], got {config.interpolation_uncond_p}")
-    if config.stage == "interpolation" and (config.num_frames - 1) % INTERPOLATION_FACTOR:
+    if config.task == "interpolation" and (config.num_frames - 1) % INTERPOLATION_FACTOR:
         raise ConfigError(f"{source}: num_frames: interpolation windows have 4k + 1 frames (key frames every "
                           f"{INTERPOLATION_FACTOR}), got {config.num_frames}")
 
@@ -291,7 +292,7 @@ def check_video_config(config: VideoLDMConfig, source: str = "config") -> None:
 class PredictionLDM(VideoLDM):
     """Key-frame prediction model: S context frames at the start of a clip, S ~ U(`config.context_frames`)."""
 
-    stage_name = "prediction"
+    task_name = "prediction"
 
     def draw_context_mask(self, b: int, t: int, device: torch.device) -> torch.Tensor:
         """(b, t) bool: the first S frames of each clip, S drawn uniformly from `config.context_frames`."""
@@ -324,7 +325,7 @@ class PredictionLDM(VideoLDM):
 class InterpolationLDM(VideoLDM):
     """x4 temporal interpolation model: key frames every 4th frame of a 4k + 1 window, stage label 0 or 1."""
 
-    stage_name = "interpolation"
+    task_name = "interpolation"
     num_stages = NUM_STAGES
 
     @staticmethod
@@ -338,14 +339,15 @@ class InterpolationLDM(VideoLDM):
         return (rearrange(self.key_frame_mask(t), "t -> 1 t") & rearrange(keep, "b -> b 1")).to(device)
 
     def training_condition(self, batch: dict, cond: Conditioning) -> Conditioning:
-        """Adds the stage label from batch["stage"] (b,) int64 in {0, 1}."""
-        if "stage" not in batch:
-            raise DataError("batch: stage: missing (the interpolation model needs the x4 stage label per window; "
+        """Adds the stage label from batch["interpolation_stage"] (b,) int64 in {0, 1}."""
+        if "interpolation_stage" not in batch:
+            raise DataError("batch: interpolation_stage: missing (the interpolation model needs the x4 stage label per "
+                            "window; "
                             "use drivesim.datasets.keyframes.InterpolationWindows)")
-        stage = batch["stage"].long().to(cond.boxes.device)
+        stage = batch["interpolation_stage"].long().to(cond.boxes.device)
         if bool(((stage < 0) | (stage >= NUM_STAGES)).any()):
-            raise DataError(f"batch: stage: values must be in [0, {NUM_STAGES}), got {stage.tolist()}")
-        return cond.replace(stage=stage)
+            raise DataError(f"batch: interpolation_stage: values must be in [0, {NUM_STAGES}), got {stage.tolist()}")
+        return cond.replace(interpolation_stage=stage)
 
     @torch.no_grad()
     def interpolate(self, cond: Conditioning, keys: torch.Tensor, stage: int, **kwargs) -> torch.Tensor:
@@ -368,7 +370,7 @@ class InterpolationLDM(VideoLDM):
         mask = self.key_frame_mask(t)
         full = torch.zeros((b, t, *keys.shape[2:]), dtype=torch.float32)
         full[:, mask] = keys.float().cpu()
-        cond = cond.replace(stage=torch.full((b,), stage, dtype=torch.int64, device=cond.boxes.device))
+        cond = cond.replace(interpolation_stage=torch.full((b,), stage, dtype=torch.int64, device=cond.boxes.device))
         return self.sample(cond, tuple(keys.shape[-2:]), context_latents=full,
                            context_mask=repeat_mask(mask, b), **kwargs)
 

@@ -24,6 +24,9 @@ Training checkpoint (`save_training_checkpoint` / `load_training_checkpoint`), u
 A checkpoint is assembled in `.tmp-step_000123/` and renamed into place only after `COMPLETE` is written, so a
 crash at any point leaves the previous `step_*` folder as the latest. `latest_checkpoint` scans the complete
 folders; it never trusts a pointer file.
+
+One module because it defines both checkpoint formats (exported and training) and the checks shared by their
+readers.
 """
 
 from __future__ import annotations
@@ -198,7 +201,15 @@ def read_header(folder: Path) -> tuple[dict, Path]:
         raise CheckpointError(f"{path}: model_class: missing or not a string")
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}: config: missing or not a mapping")
+    _migrate(meta)
     return meta, path
+
+
+def _migrate(meta: dict) -> None:
+    """Renamed config fields of checkpoints written by earlier versions (same tensors, same meaning)."""
+    config = meta["config"]
+    if meta["model_class"] in ("prediction_ldm", "interpolation_ldm") and "stage" in config and "task" not in config:
+        config["task"] = config.pop("stage")  # VideoLDMConfig.stage became .task (a training stage is another thing)
 
 
 def _expected_name(expected: str | type | None) -> str | None:

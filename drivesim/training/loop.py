@@ -12,6 +12,8 @@ and per micro-batch: one optimizer step sees `batch_size * num_processes * grad_
 
 The learning-rate scheduler is stepped once per real optimizer update (not through `accelerator.prepare`, which
 would step it once per process), so the schedule does not depend on the process count.
+
+One module because it is the one training loop, meant to be read in one sitting (k-diffusion's train.py, nanoGPT).
 """
 
 from __future__ import annotations

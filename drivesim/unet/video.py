@@ -27,8 +27,8 @@ Context frames (LVDM, He et al. 2022, eq. 8; the design drivesim uses for predic
   fresh model is exactly the image model.
 - A mask of all zeros (S = 0) is the unconditional model: nothing of `context_latents` reaches the network.
 
-Stage label (interpolation, `num_stages > 0`): a learned embedding of `cond.stage` (b,), zero-initialised, added
-to the timestep + label embedding of every frame (`StageConditionedUNet`).
+Stage label (interpolation, `num_stages > 0`): a learned embedding of `cond.interpolation_stage` (b,),
+zero-initialised, added to the timestep + label embedding of every frame (`StageConditionedUNet`).
 
 Freezing: `from_image_unet` / `VideoUNet(..)` freeze every parameter the image U-Net has unless
 `TemporalConfig.train_spatial`; new parameters (temporal layers, blenders, mask conv, stage embedding) train.
@@ -110,7 +110,7 @@ class ContextMaskInput(nn.Module):
 class StageConditionedUNet(SpatialUNet):
     """`SpatialUNet` whose embedding also carries a learned stage label (interpolation: which x4 stage it serves).
 
-    The embedding table is zero-initialised, so a fresh model is the image model; `cond.stage` None adds
+    The embedding table is zero-initialised, so a fresh model is the image model; `cond.interpolation_stage` None adds
     nothing. Parameter names of the spatial U-Net are unchanged; the table is `stage_embedding.weight`.
     """
 
@@ -120,11 +120,11 @@ class StageConditionedUNet(SpatialUNet):
         nn.init.zeros_(self.stage_embedding.weight)
 
     def embed(self, timesteps: torch.Tensor, cond: Conditioning, num_frames: int) -> torch.Tensor:
-        """As `SpatialUNet.embed`, plus the embedding of `cond.stage` (b,) int64 on every frame."""
+        """As `SpatialUNet.embed`, plus the embedding of `cond.interpolation_stage` (b,) int64 on every frame."""
         emb = super().embed(timesteps, cond, num_frames)
-        if cond.stage is None:
+        if cond.interpolation_stage is None:
             return emb
-        return emb + repeat(self.stage_embedding(cond.stage.long()), "b e -> (b t) e", t=num_frames)
+        return emb + repeat(self.stage_embedding(cond.interpolation_stage.long()), "b e -> (b t) e", t=num_frames)
 
 
 class VideoUNet(nn.Module):
@@ -224,7 +224,7 @@ class VideoUNet(nn.Module):
             cond: `Conditioning` for b videos of t frames. Used here: boxes/labels (every frame), `image_only`
                 (b,) bool, and with `context_input`: `context_mask` (b, t) bool, `context_latents`
                 (b, t, c, h, w) already perturbed to `context_noise_level` (b,) int64 (None: level 0, clean),
-                `stage` (b,) int64 with `num_stages`.
+                `interpolation_stage` (b,) int64 with `num_stages`.
         Returns:
             (b, t, out_channels, h, w), dtype of `x`.
         Raises:
