@@ -389,6 +389,10 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+RENAMED_FIELDS: dict[str, dict[str, str]] = {"VideoLDMConfig": {"stage": "task"}}
+"""Config fields renamed since files were written (class name -> old name -> new name); readers accept the old."""
+
+
 def from_dict(cls: type[T], data: Any, source: str = "config", _path: str = "") -> T:
     """Build dataclass `cls` from a plain dict, checking every key and value type.
 
@@ -404,6 +408,9 @@ def from_dict(cls: type[T], data: Any, source: str = "config", _path: str = "") 
     where = _path or "<root>"
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where}: expected a mapping, got {type(data).__name__}")
+    for old, new in RENAMED_FIELDS.get(cls.__name__, {}).items():
+        if old in data and new not in data:  # written by an earlier version: same value, new name
+            data = {(new if k == old else k): v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

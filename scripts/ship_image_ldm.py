@@ -5,7 +5,9 @@
         --train-command "drivesim train image_ldm ..."
 
 The card records the sha256 of the autoencoder whose latents it was trained on (the demo uses the image LDM only
-with that autoencoder) and the box-fidelity rows measured by `benchmarks/box_fidelity.py` (`--measured`).
+with that autoencoder) and the box-fidelity rows measured by `benchmarks/box_fidelity.py` (`--measured`). A run
+fine-tuned from another (`drivesim train --init-from RUN/model-ema`) names that run and its command with
+`--init-run` / `--init-command`, so the card gives every command from nothing to the shipped weights.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def main() -> None:
     ap.add_argument("--measured", type=Path, required=True, help="benchmarks/box_fidelity.py result of the run")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-command", required=True)
+    ap.add_argument("--init-run", type=Path, default=None, help="the run this one was fine-tuned from (--init-from)")
+    ap.add_argument("--init-command", default=None, help="the training command of --init-run")
+    ap.add_argument("--notes", default=None, help="how it was trained, in words (machine, threads, anything unusual)")
     ap.add_argument("--encode-command", default="drivesim encode --ae drivesim/pretrained/autoencoder-cpu-small "
                                                 "--data data/sample --out runs/latents_ship.h5")
     args = ap.parse_args()
@@ -41,6 +46,11 @@ def main() -> None:
     steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
     tc = load_yaml(Preset, args.run / "config-image_ldm.yaml").train["image_ldm"]
     measured = json.loads(args.measured.read_text())
+    init = None
+    if args.init_run is not None:
+        init_state = json.loads((sorted((args.init_run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
+                                .read_text())
+        init = {"run": str(args.init_run), "command": args.init_command, "steps": init_state["step"]}
     rows = measured["rows"]
     keys = ("all", "lt8", "8to16", "ge12", "ge16")
     card = {
@@ -49,16 +59,22 @@ def main() -> None:
         "ship_command": shlex.join(["python", *sys.argv]),
         "data": "data/sample (train split latents)", "autoencoder": str(args.ae),
         "autoencoder_sha256": weights_sha256(args.ae),
-        "steps": steps["step"], "batch_size": tc.batch_size, "lr": tc.lr, "lr_schedule": tc.lr_schedule,
+        "steps": steps["step"] + (init["steps"] if init else 0),
+        **({"init_from": init, "fine_tune_steps": steps["step"]} if init else {}),
+        "batch_size": tc.batch_size, "lr": tc.lr, "lr_schedule": tc.lr_schedule,
         "ema_decay": tc.ema_decay, "seed": tc.seed, "weights": "model-ema of the run, cast to float16",
         "measured_with": measured["command"],
         "ap50": {name: {k: row[k]["AP50"] for k in keys} for name, row in rows.items()},
         "fid": measured.get("fid"), "day_night": measured.get("day_night"),
     }
-    g1 = card["ap50"].get("generated_guidance_1", {})
-    card["summary"] = (f"box AP50 (>= 16 px) of its samples {g1.get('ge16', float('nan')):.3f} vs real frames "
-                       f"{card['ap50']['real']['ge16']:.3f} (shuffled boxes "
-                       f"{card['ap50'].get('shuffled_guidance_1', {}).get('ge16', float('nan')):.3f})")
+    generated = {k.removeprefix("generated_guidance_"): v["ge16"] for k, v in card["ap50"].items()
+                 if k.startswith("generated_guidance_")}
+    shuffled = max(v["ge16"] for k, v in card["ap50"].items() if k.startswith("shuffled_guidance_"))
+    card["summary"] = ("box AP50 (>= 16 px) of its samples " + ", ".join(
+        f"{v:.3f} at guidance {g}" for g, v in generated.items()) + f" vs {card['ap50']['real']['ge16']:.3f} on real "
+        f"frames (shuffled boxes <= {shuffled:.3f})")
+    if args.notes:
+        card["notes"] = args.notes
     (args.out / "model_card.json").write_text(json.dumps(card, indent=1))
     print(json.dumps(card, indent=1))
 
