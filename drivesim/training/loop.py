@@ -212,7 +212,6 @@ def train(
         NonFiniteLossError: `cfg.max_bad_steps` consecutive steps had a non-finite loss or gradient; the last
             good checkpoint is left as the latest.
     """
-    from accelerate.utils import send_to_device
     from diffusers.optimization import get_scheduler
 
     validate_train_config(cfg)
@@ -253,18 +252,7 @@ def train(
     if ema is not None:
         ema.to(accelerator.device)
     if latest is not None:
-        loaded, has_rng = ckpt.load_training_checkpoint(
-            latest, model=model, optimizer=optimizer, group_names=group_names, scheduler=scheduler, ema=ema,
-            rank=rank)
-        rng_to_restore = loaded.pop("_rng", None)
-        state.update({k: loaded[k] for k in state})
-        if ema is not None:
-            ema.num_updates = int(loaded.get("ema_updates", 0))
-        if accelerator.scaler is not None and loaded.get("scaler"):
-            accelerator.scaler.load_state_dict(loaded["scaler"])
-        if not has_rng:  # every rank reports its own: only the ranks beyond the old process count lack one
-            print(f"{latest}: no RNG state for rank {rank} (the process count changed); its RNG is seeded afresh, "
-                  "so this resume is not bit-exact", file=sys.stderr)
+        rng_to_restore = _resume(latest, state, accelerator, model, optimizer, group_names, scheduler, ema, rank)
         if any(k in OPTIMISATION_FIELDS or k == "max_steps" for k in changed):
             _continue_with_new_hyperparameters(optimizer, scheduler, fresh_groups)
     start_step = int(state["step"])
@@ -314,30 +302,7 @@ def train(
     wrapper.train()
     try:
         while step < cfg.max_steps:
-            # no host sync per micro-batch: the loss is summed on the device and checked once per optimizer step
-            loss_sum = torch.zeros((), device=accelerator.device)
-            nonfinite = torch.zeros((), device=accelerator.device)
-            logs_sum: dict[str, float] = {}
-            for _ in range(cfg.grad_accum_steps):
-                batch = send_to_device(stream.next(), accelerator.device)
-                with accelerator.accumulate(wrapper):
-                    loss, logs = wrapper(batch)
-                    # a non-finite loss still goes backward (its gradients are discarded below), so every
-                    # process runs the same collectives and the data order stays fixed
-                    accelerator.backward(loss)
-                    loss = loss.detach().float()
-                    nonfinite = nonfinite + (~torch.isfinite(loss)).float()
-                    loss_sum = loss_sum + torch.nan_to_num(loss) / cfg.grad_accum_steps
-                    for k, v in logs.items():
-                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.grad_accum_steps
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if world > 1:  # every process skips together, so none waits in a collective the others left
-                nonfinite = accelerator.reduce(nonfinite, "sum")
-            if grad_norm is not None and accelerator.scaler is None:  # (with a scaler, it skips inf steps itself)
-                # the norm of the all-reduced gradients: the same on every process
-                grad_norm = torch.as_tensor(grad_norm, device=accelerator.device)
-                nonfinite = nonfinite + (~torch.isfinite(grad_norm)).float()
-            bad = bool(nonfinite.item() > 0)  # the one host sync of the step
+            loss_sum, logs_sum, grad_norm, bad = _gradients(accelerator, wrapper, stream, trainable, cfg, world)
             if bad:
                 optimizer.zero_grad(set_to_none=True)
                 consecutive_bad += 1
@@ -396,24 +361,9 @@ def train(
 
     export_dir = ema_export_dir = None
     if export:
-        # a finished run run again is a no-op for the exports it has: they stay as they are (a later step may have
-        # written into them: `drivesim encode` records the autoencoder's scale factor in model/config.json); one
-        # killed between its two exports gets the missing one
         finished_before = latest is not None and start_step >= cfg.max_steps
-        model_dir, ema_dir = out_dir / "model", out_dir / "model-ema"
-        keep_model = finished_before and (model_dir / ckpt.CONFIG_NAME).is_file()
-        keep_ema = finished_before and (ema_dir / ckpt.CONFIG_NAME).is_file()
-        unwrapped = accelerator.unwrap_model(wrapper).model
-        full = accelerator.get_state_dict(unwrapped)  # a collective under FSDP: every process calls it
-        if is_main:
-            export_dir = model_dir if keep_model else ckpt.save_model(unwrapped, model_dir, state_dict=full)
-            if ema is not None:
-                ema_export_dir = ema_dir if keep_ema else ckpt.save_model(unwrapped, ema_dir,
-                                                                         state_dict=ema.ema_state_dict(unwrapped))
-        accelerator.wait_for_everyone()
-        if console and keep_model and (ema is None or keep_ema):
-            console.print(f"{out_dir}: already finished at step {start_step}; nothing to do (exports kept)",
-                          highlight=False)
+        export_dir, ema_export_dir = _export(out_dir, accelerator, wrapper, ema, finished_before, is_main, console,
+                                             start_step)
     if console:
         console.print(f"done: step {step} ({stop_reason}), {step - start_step} steps in {elapsed:.1f} s, "
                       f"{bad_this_call} skipped; checkpoint {last_saved}", highlight=False)
@@ -421,6 +371,82 @@ def train(
                        export_dir=export_dir, ema_export_dir=ema_export_dir, bad_steps=bad_this_call,
                        elapsed_s=elapsed, steps_per_s=(step - start_step) / max(elapsed, 1e-9),
                        final_loss=None if final_loss is None else float(final_loss))
+
+
+def _resume(latest: Path, state: dict, accelerator, model: nn.Module, optimizer, group_names, scheduler,
+            ema: EMA | None, rank: int):
+    """Load the training checkpoint `latest` into the model, optimizer, scheduler, EMA and grad scaler and `state`
+    (step, data position, bad-step count). Returns this rank's RNG state, to restore right before the first step."""
+    loaded, has_rng = ckpt.load_training_checkpoint(latest, model=model, optimizer=optimizer, group_names=group_names,
+                                                    scheduler=scheduler, ema=ema, rank=rank)
+    state.update({k: loaded[k] for k in state})
+    if ema is not None:
+        ema.num_updates = int(loaded.get("ema_updates", 0))
+    if accelerator.scaler is not None and loaded.get("scaler"):
+        accelerator.scaler.load_state_dict(loaded["scaler"])
+    if not has_rng:  # every rank reports its own: only the ranks beyond the old process count lack one
+        print(f"{latest}: no RNG state for rank {rank} (the process count changed); its RNG is seeded afresh, "
+              "so this resume is not bit-exact", file=sys.stderr)
+    return loaded.pop("_rng", None)
+
+
+def _gradients(accelerator, wrapper: nn.Module, stream: DataStream, trainable: list, cfg: TrainConfig, world: int):
+    """Forward and backward of the `cfg.grad_accum_steps` micro-batches of one optimizer step, then clipping.
+
+    No host sync per micro-batch: the loss is summed on the device and checked once. A non-finite loss still goes
+    backward (its gradients are discarded by the caller), so every process runs the same collectives and the data
+    order stays fixed.
+
+    Returns:
+        (loss: () tensor on the device, mean over micro-batches; the models' logs averaged; the gradient norm;
+        bad: the loss or the gradient was not finite on some process, the one host sync of the step).
+    """
+    from accelerate.utils import send_to_device
+
+    loss_sum = torch.zeros((), device=accelerator.device)
+    nonfinite = torch.zeros((), device=accelerator.device)
+    logs_sum: dict[str, float] = {}
+    for _ in range(cfg.grad_accum_steps):
+        batch = send_to_device(stream.next(), accelerator.device)
+        with accelerator.accumulate(wrapper):
+            loss, logs = wrapper(batch)
+            accelerator.backward(loss)
+            loss = loss.detach().float()
+            nonfinite = nonfinite + (~torch.isfinite(loss)).float()
+            loss_sum = loss_sum + torch.nan_to_num(loss) / cfg.grad_accum_steps
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if world > 1:  # every process skips together, so none waits in a collective the others left
+        nonfinite = accelerator.reduce(nonfinite, "sum")
+    if grad_norm is not None and accelerator.scaler is None:  # (with a scaler, it skips inf steps itself)
+        # the norm of the all-reduced gradients: the same on every process
+        grad_norm = torch.as_tensor(grad_norm, device=accelerator.device)
+        nonfinite = nonfinite + (~torch.isfinite(grad_norm)).float()
+    return loss_sum, logs_sum, grad_norm, bool(nonfinite.item() > 0)
+
+
+def _export(out_dir: Path, accelerator, wrapper: nn.Module, ema: EMA | None, finished_before: bool, is_main: bool,
+            console, start_step: int) -> tuple[Path | None, Path | None]:
+    """Write the inference checkpoints out_dir/model (live weights) and out_dir/model-ema. A finished run run again
+    keeps the exports it has (a later step may have written into them: `drivesim encode` records the autoencoder's
+    scale factor in model/config.json); one killed between its two exports gets the missing one."""
+    model_dir, ema_dir = out_dir / "model", out_dir / "model-ema"
+    keep_model = finished_before and (model_dir / ckpt.CONFIG_NAME).is_file()
+    keep_ema = finished_before and (ema_dir / ckpt.CONFIG_NAME).is_file()
+    unwrapped = accelerator.unwrap_model(wrapper).model
+    full = accelerator.get_state_dict(unwrapped)  # a collective under FSDP: every process calls it
+    export_dir = ema_export_dir = None
+    if is_main:
+        export_dir = model_dir if keep_model else ckpt.save_model(unwrapped, model_dir, state_dict=full)
+        if ema is not None:
+            ema_export_dir = ema_dir if keep_ema else ckpt.save_model(unwrapped, ema_dir,
+                                                                     state_dict=ema.ema_state_dict(unwrapped))
+    accelerator.wait_for_everyone()
+    if console and keep_model and (ema is None or keep_ema):
+        console.print(f"{out_dir}: already finished at step {start_step}; nothing to do (exports kept)",
+                      highlight=False)
+    return export_dir, ema_export_dir
 
 
 def _continue_with_new_hyperparameters(optimizer, scheduler, fresh_groups: list[dict]) -> None:
