@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from drivesim.errors import ConfigError
+from drivesim.pipeline.outputs import shown_path
 
 
 def memoized_extractors(ex):
@@ -103,7 +104,7 @@ class DemoStages:
                               f"{name} block; use {flag}")
         self.console.print(f"{name}: the pretrained {shipped.name} ({card.get('steps')} steps; "
                            f"{card.get('summary', '')}) -> {export}  ({flag} trains one instead)", highlight=False)
-        return {"export": str(export), "weights": "pretrained", "pretrained": str(shipped),
+        return {"export": str(export), "weights": "pretrained", "pretrained": shown_path(shipped),
                 "sha256": weights_sha256(shipped), "steps": card.get("steps"), "stop_reason": "shipped",
                 "batch_size": card.get("batch_size"), "max_steps": card.get("steps"), "budget_minutes": None,
                 "final_loss": card.get("final_loss"), "steps_per_s": None}
@@ -334,6 +335,7 @@ class DemoStages:
                            highlight=False)
         ae = load_model(self._export("autoencoder"))
         record = box_fidelity_rows(det, self.s.data, fake, autoencoder=ae, every=4, seed=self.s.seed)
+        record["protocol"]["detector"] = shown_path(det)
         write_result(folder / "box_fidelity.json", record)
         from PIL import Image
 

@@ -71,3 +71,14 @@ def _undo(folder: Path, existed: bool, before: set[str], saved: dict[str, bytes]
     for name, data in saved.items():
         if (folder / name).read_bytes() != data:
             write_bytes_atomic(folder / name, data)
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as a record or a report shows it: relative to the working directory when it lies inside it (the
+    shipped checkpoints resolve to absolute paths of the install; a report should not name the machine's
+    folders), else absolute."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
