@@ -68,10 +68,10 @@ def scenario_from_clip(source: str, out: Path, *, fps: float | None = None, minu
     if minutes is not None and not minutes > 0:
         raise ConfigError(f"--minutes: must be positive, got {minutes}")
     if minutes is not None and minutes > sc.MAX_MINUTES:  # up front: 1e9 ran out of memory building the frames
-        from drivesim.rollout import _number
+        from drivesim.rollout.config import as_typed
 
-        raise ConfigError(f"--minutes: {_number(minutes)} exceeds the limit of {_number(sc.MAX_MINUTES)} (minutes per "
-                          "scenario: twice the longest rollout)")
+        raise ConfigError(f"--minutes: {as_typed(minutes)} exceeds the limit of {as_typed(sc.MAX_MINUTES)} "
+                          "(minutes per scenario: twice the longest rollout)")
     out = Path(out)
     src = Path(source) if Path(source).exists() else Path(source.rpartition(":")[0] or source)
     check_output(out, {"SOURCE": src}, overwrite)

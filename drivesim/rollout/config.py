@@ -78,14 +78,14 @@ def check_rollout_length(minutes: float | None = None, frames: int | None = None
     if minutes is not None and math.isnan(minutes):
         raise ConfigError("--minutes: must be a number, got nan")
     if minutes is not None and minutes > MAX_MINUTES:
-        raise ConfigError(f"--minutes: {_number(minutes)} exceeds the limit of {_number(MAX_MINUTES)} (minutes of "
+        raise ConfigError(f"--minutes: {as_typed(minutes)} exceeds the limit of {as_typed(MAX_MINUTES)} (minutes of "
                           "video per rollout)")
     if frames is not None and frames > MAX_FRAMES:
         raise ConfigError(f"--frames: {frames} exceeds the limit of {MAX_FRAMES} (frames per rollout: "
-                          f"{_number(MAX_MINUTES)} minutes at 60 fps)")
+                          f"{as_typed(MAX_MINUTES)} minutes at 60 fps)")
 
 
-def _number(x: float) -> str:
+def as_typed(x: float) -> str:
     """1e9 -> "1e9", 60.0 -> "60", 2.5 -> "2.5": how a user typed it, not Python's repr."""
     if math.isfinite(x) and x == int(x) and abs(x) < 1e6:
         return str(int(x))
