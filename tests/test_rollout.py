@@ -486,3 +486,32 @@ def test_a_refused_resume_leaves_the_folder_as_it_was(stack, tmp_path):
     assert "segments" not in before
     assert main([*argv, "--seed", "1", "--resume"]) == 1  # another seed: refused
     assert _tree(out) == before  # segments/ was made again before the state was read
+
+
+def test_resume_sweeps_the_temp_files_of_a_killed_run(stack, tmp_path, request):
+    # SIGKILL runs no cleanup: the temp files of the writes it interrupted stay; the next resume removes them and
+    # nothing else
+    from drivesim.pipeline.rollout import make_cond_fn, prepare_scenario
+    from drivesim.rollout import Rollout
+
+    ckpt, scen = stack
+    torch.set_grad_enabled(False)
+    request.addfinalizer(lambda: torch.set_grad_enabled(True))
+    models = load_models(ckpt)
+    cfg = resolve_fps(RolloutConfig(steps=1), models)
+    plan = make_plan(models, cfg, 30, (32, 64))
+
+    def rollout(out):
+        cond_fn = make_cond_fn(prepare_scenario(scen, cfg.fps, plan.cond_frames), 8)
+        return Rollout(models, cfg, cond_fn, 30, out, 0, lambda path, frames, fps: None, (32, 64))
+
+    out = tmp_path / "r"
+    rollout(out).run(max_units=1)
+    leftovers = [".rollout.mp4.tmp4242.mp4", ".state-000002.safetensors.tmp", ".state.json.tmp",
+                 ".rollout.json.k3j2h1", ".rollout_config.json.x9y8z7"]
+    kept = ["notes.txt", ".my_own_file"]
+    for name in leftovers + kept:
+        (out / name).write_text("x")
+    assert rollout(out).run(resume=True)["complete"]
+    assert not [n for n in leftovers if (out / n).exists()]
+    assert all((out / n).exists() for n in kept)

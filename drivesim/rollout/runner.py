@@ -313,6 +313,16 @@ class Rollout:
         self.unit += 1
         self._save_state()
 
+    # what a SIGKILL (which no handler can clean up after) leaves next to the rollout's files: the temp names of our
+    # writers (`drivesim.atomic`, `_atomic_write`) are the output's name behind a dot; the outputs never start with one
+    TEMP_PREFIXES = (".state", ".rollout", ".scenario.json", ".manifest.json")
+
+    def _sweep_temp_files(self) -> None:
+        """Remove temp files a killed run left directly in `out_dir` (the unit folders are swept by `run`)."""
+        for f in self.out.iterdir():
+            if f.is_file() and f.name.startswith(self.TEMP_PREFIXES):
+                f.unlink(missing_ok=True)
+
     def run(self, resume: bool = False, max_units: int | None = None) -> dict:
         """Run (or continue) the rollout until every frame is written (or `max_units` units ran).
 
@@ -331,6 +341,8 @@ class Rollout:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "latents").mkdir(exist_ok=True)
         (self.out / "segments").mkdir(exist_ok=True)
+        if resumed_from:
+            self._sweep_temp_files()
         # files of units after the saved state were written by a killed run: they are regenerated
         for folder in ("latents", "segments"):
             for f in (self.out / folder).iterdir():
