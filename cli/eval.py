@@ -47,6 +47,7 @@ def fvd_selftest_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clips per I3D forward pass."),
     device: str = typer.Option("cpu", "--device", help="torch device."),
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Exit with status 1 if |FVD - reference| exceeds it."),
+    out: Path = typer.Option(None, "--out", help="Also write the comparison as JSON (with the weights' sha256)."),
 ) -> None:
     """FVD on the reference fixture (fake = RandomState(1).rand(N,16,224,224,3), real = RandomState(2), the
     values in [0, 1] being the I3D input as in the reference experiment) next to the TF FVD reference value
@@ -62,6 +63,14 @@ def fvd_selftest_cmd(
         typer.echo(f"reference (TF FVD):  {result['reference']:.8f}")
         typer.echo(f"difference:          {result['difference']:+.2e}")
     typer.echo(f"time: {result['seconds']:.1f} s; I3D weights sha256 {weights.weights_sha256('i3d')}")
+    if out is not None:
+        from drivesim.eval.results import write_json
+
+        write_json(out, {"kind": "fvd_selftest", "command": "drivesim eval fvd-selftest " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in (("num_videos", num_videos), ("batch_size", batch_size),
+                                                        ("device", device))),
+            **result, "i3d_sha256": weights.weights_sha256("i3d")})
+        typer.echo(f"wrote {out}")
     if result["difference"] is not None and abs(result["difference"]) > tolerance:
         typer.secho(f"FAIL: differs from the reference by more than {tolerance}", fg="red", err=True)
         raise typer.Exit(code=1)

@@ -65,3 +65,14 @@ def read_result(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: result: not valid JSON ({e})") from None
     return validate_result(data, str(path))
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a record that is not an evaluation result (e.g. the FVD self-test's comparison) as JSON, atomically.
+
+    Raises:
+        WriteError: naming `path`.
+    """
+    from drivesim.atomic import write_json_atomic
+
+    write_json_atomic(path, data)
