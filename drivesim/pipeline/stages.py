@@ -169,12 +169,7 @@ def build_image_ldm(preset, data_path, frames: str = "1"):
     from drivesim.datasets.latent_cache import LatentClipDataset
     from drivesim.models.image_ldm import ImageLDM
 
-    try:
-        num_frames = int(frames)
-        if num_frames < 1:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"--opt: frames: expected a positive integer, got {frames!r}") from None
+    num_frames = _positive_int("frames", frames)
     dataset = LatentClipDataset(data_path, split="train", num_frames=num_frames, frame_stride=1)
     cfg = dataclasses.replace(preset.image_ldm, encoder_id=_cache_encoder_id(data_path))
     return ImageLDM(cfg), dataset, _tensor_collate
