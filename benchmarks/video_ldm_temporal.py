@@ -31,6 +31,7 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -167,6 +168,7 @@ def val_windows(cache: Path, data: Path, max_clips: int | None):
 def main(argv: list[str] | None = None) -> dict:
     from drivesim.eval.features import i3d_embeddings
     from drivesim.eval.metrics import fvd
+    from drivesim.eval.results import write_json
 
     import drivesim
     from drivesim.nn.temporal import AlphaBlender, force_alpha_one
@@ -178,7 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance-scale", type=float, default=None, help="labels/boxes CFG scale")
     ap.add_argument("--context-guidance", type=float, default=None, help="context guidance s (LVDM 1 + w)")
     ap.add_argument("--train-minutes", default=None, help="free text recorded in the report (training budgets)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="sampling seeds (seed, seed + 1000, ...): every row is generated once per seed and "
+                         "reported as mean +- std over seeds")
+    ap.add_argument("--json", type=Path, default=None, help="also write the report here (benchmarks/results/...)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds: {args.seeds} must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
 
@@ -188,20 +196,23 @@ def main(argv: list[str] | None = None) -> dict:
     val, indices, size, real_by_clip = val_windows(args.cache, args.data, args.max_clips)
     real = np.concatenate(list(real_by_clip.values()))
 
+    seeds = [args.seed + 1000 * k for k in range(args.seeds)]
     t0 = time.time()
-    gen = {"video": [], "alpha1": [], "recon": []}
+    gen: dict[str, list[np.ndarray]] = {"recon": []}
+    for seed in seeds:
+        gen[f"video/{seed}"], gen[f"alpha1/{seed}"] = [], []
     for s in range(0, len(indices), args.batch):
         items = [val[i] for i in indices[s:s + args.batch]]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
-        for name in ("video", "alpha1"):
-            if name == "alpha1":
-                with force_alpha_one(pred), force_alpha_one(interp):
-                    z = generate(pred, interp, batch, args.steps, args.seed + s, args.guidance_scale,
+        for seed in seeds:
+            for name in ("video", "alpha1"):
+                with contextlib.ExitStack() as stack:
+                    if name == "alpha1":
+                        stack.enter_context(force_alpha_one(pred))
+                        stack.enter_context(force_alpha_one(interp))
+                    z = generate(pred, interp, batch, args.steps, seed + s, args.guidance_scale,
                                  args.context_guidance)
-            else:
-                z = generate(pred, interp, batch, args.steps, args.seed + s, args.guidance_scale,
-                             args.context_guidance)
-            gen[name].append(_to_uint8(ae.decode_scaled(z[:, :16])))
+                gen[f"{name}/{seed}"].append(_to_uint8(ae.decode_scaled(z[:, :16])))
         gen["recon"].append(_to_uint8(ae.decode_scaled(batch["latents"][:, :16].float())))
         print(f"windows {min(s + args.batch, len(indices))}/{len(indices)}  {time.time() - t0:.0f}s", flush=True)
     gen = {k: np.concatenate(v) for k, v in gen.items()}
@@ -211,29 +222,66 @@ def main(argv: list[str] | None = None) -> dict:
     feats.update({k: i3d_embeddings(v) for k, v in gen.items()})
     alphas = {name: sorted(round(float(m.alpha()), 3) for m in model.modules() if isinstance(m, AlphaBlender))
               for name, model in (("prediction", pred), ("interpolation", interp))}
+    per_seed = {
+        seed: {
+            "fvd": {n: fvd(feats["real"], feats[f"{n}/{seed}"]) for n in ("video", "alpha1")},
+            # against the autoencoder's reconstructions of the real windows: the decoder's own blur is on both
+            # sides, so what is left is what the diffusion models add (a weak decoder puts a floor under FVD)
+            "fvd_vs_recon": {n: fvd(feats["recon"], feats[f"{n}/{seed}"]) for n in ("video", "alpha1")},
+            "flicker": {n: flicker_measures(gen[f"{n}/{seed}"]) for n in ("video", "alpha1")},
+        }
+        for seed in seeds
+    }
+
+    def spread(get) -> dict[str, float]:
+        values = np.array([get(per_seed[seed]) for seed in seeds], dtype=np.float64)
+        return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(values.min()), "max": float(values.max())}
+
     report = {
-        "real_clips": int(len(real)), "generated_clips": int(len(gen["video"])), "frames": 16,
-        "resolution": list(size), "steps": args.steps, "generation_s": round(gen_s, 1),
+        "protocol": "first and last 17-frame latent window of every val clip; key frames by the prediction model "
+                    "from 1 real context latent (stride 4), filled x4 by the interpolation model; first 16 frames "
+                    "decoded; the same with every alpha = 1; FVD_16 (I3D) against the real windows and against "
+                    "their reconstructions; one trained model pair, sampling seeds vary",
+        "models": {"ae": str(args.ae), "prediction": str(args.prediction), "interpolation": str(args.interpolation)},
+        "real_clips": int(len(real)), "generated_clips": int(len(indices)), "frames": 16,
+        "resolution": list(size), "steps": args.steps, "seeds": seeds, "generation_s": round(gen_s, 1),
         "train_minutes": args.train_minutes,
-        "fvd": {k: fvd(feats["real"], feats[k]) for k in ("video", "alpha1", "recon")},
-        # against the autoencoder's reconstructions of the real windows: the decoder's own blur is on both sides,
-        # so what is left is what the diffusion models add (a weak decoder puts a floor under FVD vs real)
-        "fvd_vs_recon": {k: fvd(feats["recon"], feats[k]) for k in ("video", "alpha1")},
-        "flicker": {k: flicker_measures(v) for k, v in [("real", real), *gen.items()]},
+        "fvd_recon": fvd(feats["real"], feats["recon"]),
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+        "summary": {
+            f"{metric}/{n}": spread(lambda r, metric=metric, n=n: r[metric][n])
+            for metric in ("fvd", "fvd_vs_recon") for n in ("video", "alpha1")
+        } | {
+            f"{d}/{n}": spread(lambda r, d=d, n=n: r["flicker"][n][d]) for d in ("diff1", "diff2")
+            for n in ("video", "alpha1")
+        } | {
+            # paired per seed: the same noise for both variants, so the difference has less spread than either
+            "fvd_vs_recon_gain": spread(lambda r: r["fvd_vs_recon"]["alpha1"] - r["fvd_vs_recon"]["video"]),
+        },
+        "flicker_real": flicker_measures(real), "flicker_recon": flicker_measures(gen["recon"]),
         "alphas": {k: {"min": v[0], "max": v[-1], "mean": float(np.mean(v))} for k, v in alphas.items()},
     }
     b0 = val[indices[0]]
     boxes, box_mask = b0["boxes"][:16].numpy(), b0["box_mask"][:16].numpy()
     _filmstrip(real_by_clip[b0["clip_id"]][0], boxes, box_mask, args.out / "filmstrip_real.png")
-    for k in ("video", "alpha1", "recon"):
-        _filmstrip(gen[k][0], boxes, box_mask, args.out / f"filmstrip_{k}.png")
+    for k in ("video", "alpha1"):
+        _filmstrip(gen[f"{k}/{seeds[0]}"][0], boxes, box_mask, args.out / f"filmstrip_{k}.png")
+    _filmstrip(gen["recon"][0], boxes, box_mask, args.out / "filmstrip_recon.png")
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    np.savez_compressed(args.out / "i3d_features.npz", **feats)  # re-score without regenerating
+    if args.json:
+        write_json(args.json, report)
+    np.savez_compressed(args.out / "i3d_features.npz", **{k.replace("/", "_"): v for k, v in feats.items()})
+    summ = report["summary"]
+    print(f"{len(seeds)} seed(s), mean +- std (sample std over seeds)")
     print("| clips | FVD_16 vs real | FVD_16 vs recon | diff1 | diff2 |\n|---|---|---|---|---|")
-    for k in ("real", "recon", "video", "alpha1"):
-        f = report["flicker"][k]
-        vs_recon = f"{report['fvd_vs_recon'][k]:.1f}" if k in report["fvd_vs_recon"] else "-"
-        print(f"| {k} | {report['fvd'].get(k, 0.0):.1f} | {vs_recon} | {f['diff1']:.4f} | {f['diff2']:.4f} |")
+    print(f"| real | 0 | - | {report['flicker_real']['diff1']:.4f} | {report['flicker_real']['diff2']:.4f} |")
+    print(f"| recon | {report['fvd_recon']:.1f} | 0 | {report['flicker_recon']['diff1']:.4f} | "
+          f"{report['flicker_recon']['diff2']:.4f} |")
+    for n in ("video", "alpha1"):
+        cells = [f"{summ[f'{m}/{n}']['mean']:.1f} +- {summ[f'{m}/{n}']['std']:.1f}" for m in ("fvd", "fvd_vs_recon")]
+        cells += [f"{summ[f'{d}/{n}']['mean']:.4f} +- {summ[f'{d}/{n}']['std']:.4f}" for d in ("diff1", "diff2")]
+        print(f"| {n} | " + " | ".join(cells) + " |")
     print(json.dumps({k: report[k] for k in ("real_clips", "generated_clips", "generation_s", "alphas")}))
     return report
 

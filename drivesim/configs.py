@@ -56,6 +56,11 @@ class AutoencoderConfig:
     # pixels, each weighted by its fractional box coverage). Boxes are ~0.3% of a driving frame's pixels, so a plain
     # mean lets a young autoencoder trade every car for sky and road (0: LDM's loss)
     box_weight: float = 0.0
+    # fine-tune the decoder only: the encoder is frozen and the decoder learns from the posterior MEANS (what
+    # `drivesim encode` caches, so what the latent models learn and generate). The latent space, the encoder's
+    # fingerprint and every latent model trained on it stay valid (the recipe of Stable Diffusion's ft-MSE VAE
+    # decoders and of Video LDM's decoder fine-tuning, Blattmann et al. 2023 Sec. 3.3)
+    decoder_only: bool = False
     kl_weight: float = 1e-6
     disc_start: int = 50001
     disc_weight: float = 0.5

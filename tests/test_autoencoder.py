@@ -177,6 +177,31 @@ def test_video_autoencoder_freezes_encoder_and_spatial_decoder(ae):
     assert all(p.requires_grad for p in full.decoder.spatial_parameters())
 
 
+def test_decoder_only_fine_tune_keeps_the_latent_space(ae):
+    """`decoder_only`: one optimizer step moves the decoder and leaves the encoder (so its fingerprint, the latent
+    cache and every latent model trained on it) unchanged bit for bit; the decoder learns from posterior means."""
+    model = AutoencoderKL(_cfg(decoder_only=True, box_weight=1.0))
+    model.load_state_dict(ae.state_dict())
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    before = model.encoder_fingerprint()
+    decoder_before = copy.deepcopy(model.decoder.state_dict())
+    model.train()
+    x = _frames(t=1)
+    with torch.no_grad():
+        rec, post = model._reconstruct_for_loss(x)
+    assert post is None
+    torch.testing.assert_close(rec, ae._decode_frames(ae.encode(x).mode()))  # same weights, same computation
+    opt = torch.optim.Adam(model.param_groups(TrainConfig())[0]["params"], lr=1e-2)
+    loss, logs = model.loss({"frames": x})
+    assert "kl" not in logs
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    opt.step()
+    assert model.encoder_fingerprint() == before
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in model.decoder.state_dict().items())
+
+
 def test_video_decoder_fine_tunes_on_posterior_mean_or_sample(ae):
     """`video_latents`: "mean" decodes the posterior mean (deterministic, what the latent cache stores), "sample" a
     posterior draw per call (differs between calls)."""

@@ -91,6 +91,8 @@ class AutoencoderKL(nn.Module):
         self.decoder: Decoder = VideoDecoder(config) if config.video_decoder else Decoder(config)
         disc_cls = VideoDiscriminator3D if config.video_decoder else NLayerDiscriminator
         self.discriminator = disc_cls(config.in_channels, config.disc_channels, config.disc_layers)
+        if config.decoder_only:
+            self.encoder.requires_grad_(False)
         self.register_buffer("global_step", torch.zeros((), dtype=torch.int64))
         self._lpips: list[nn.Module] = []  # a list, not a submodule: frozen, never checkpointed with the AE
         if config.lpips_weights:
@@ -228,6 +230,10 @@ class AutoencoderKL(nn.Module):
         ]
 
     def _reconstruct_for_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian | None]:
+        if self.config.decoder_only:  # frozen encoder: decode its means, no KL term (it has no gradient)
+            with torch.no_grad():
+                mean = self.encode(x).mode()
+            return self._decode_frames(mean), None
         post = self.encode(x)
         rec = self._decode_frames(post.sample())
         return rec, post
@@ -266,8 +272,9 @@ class AutoencoderKL(nn.Module):
               |(x_rec[t+1] - x_rec[t]) - (x[t+1] - x[t])| per pixel value (the flicker measure of
               `drivesim.autoencoder.metrics.flicker`, on [-1, 1] pixels), part of the nll the adaptive GAN weight
               balances against;
-            - KL: kl_weight * KL(q(z|x) || N(0, I)) summed over latent elements, divided by the number of pixel
-              values 3*H*W, so kl_weight keeps its LDM meaning (LDM sums both terms per image);
+            - KL (not with `decoder_only`): kl_weight * KL(q(z|x) || N(0, I)) summed over latent elements,
+              divided by the number of pixel values 3*H*W, so kl_weight keeps its LDM meaning (LDM sums both
+              terms per image);
             - after `disc_start` steps: g_adv = -mean D(x_rec) through the discriminator with DETACHED
               parameters (gradient reaches the autoencoder only) weighted by the LDM adaptive weight, and the
               hinge loss on D(x) and D(x_rec.detach()) (gradient reaches the discriminator only).
