@@ -7,6 +7,12 @@ Steps: load the run's EMA export (model-ema/, else model/); compute the latent s
 train frames (what `drivesim encode` caches); write the weights in float16 with the config; measure the shipped
 file with `benchmarks/box_fidelity.py` (PSNR over frames and inside boxes, the reference detector's AP on
 reconstructions vs real val frames) and write `model_card.json` with the commands, data, steps and those numbers.
+
+A decoder-only fine-tune (`autoencoder.decoder_only`, started `--init-from` a shipped autoencoder) keeps that
+checkpoint's encoder and scale factor, so its encoder fingerprint, and the latent caches and latent models made
+with it, stay valid: the script checks the encoder is bit for bit the base's, copies the base's scale factor and
+puts the base's card (its commands and steps) into the new card. Read the base card BEFORE `--out` overwrites it:
+pass `--base-card` when `--out` is the base's own folder.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ def main() -> None:
     ap.add_argument("--train-command", required=True, help="the command that trained --run (goes into the card)")
     ap.add_argument("--detector-command", default="drivesim eval train-detector data/sample --out runs/det")
     ap.add_argument("--scale-frames", type=int, default=512)
+    ap.add_argument("--base-card", type=Path, default=None,
+                    help="decoder-only runs: a copy of the base checkpoint's model_card.json (default: the one in "
+                         "the run's init_from folder)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
 
@@ -41,8 +50,22 @@ def main() -> None:
     model = load_model(src, AutoencoderKL)
     from drivesim.pipeline.encode import train_frames
 
-    h, w = (128, 256)
-    scale = compute_scale_factor(model, train_frames(args.data, (h, w), args.scale_frames, 16, "cpu"), sample=False)
+    train_cfg = load_yaml(Preset, args.run / "config-autoencoder.yaml").train["autoencoder"]
+    base_card = None
+    if model.config.decoder_only:
+        if not train_cfg.init_from:
+            sys.exit(f"{args.run}: decoder_only run without train.init_from: no base encoder to keep")
+        base = load_model(train_cfg.init_from, AutoencoderKL)
+        if not all(torch.equal(a, b.to(a.dtype)) for a, b in zip(base.encoder.state_dict().values(),
+                                                                  model.encoder.state_dict().values(), strict=True)):
+            sys.exit(f"{args.run}: the encoder differs from {train_cfg.init_from}'s: not a decoder-only fine-tune")
+        base_card = json.loads((args.base_card or Path(train_cfg.init_from) / "model_card.json").read_text())
+        scale = base.config.scale_factor
+        scale_from = "kept from the base checkpoint (decoder-only fine-tune: same encoder, same latents)"
+    else:
+        scale = compute_scale_factor(model, train_frames(args.data, (128, 256), args.scale_frames, 16, "cpu"),
+                                     sample=False)
+        scale_from = f"posterior means of {args.scale_frames} train frames"
     model.set_scale_factor(scale)
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)
@@ -55,7 +78,6 @@ def main() -> None:
     result = json.loads(measured.read_text())
     train_state = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
                              .read_text())
-    train_cfg = load_yaml(Preset, args.run / "config-autoencoder.yaml").train["autoencoder"]
     rows = result["rows"]
     card = {
         "name": args.out.name,
@@ -71,7 +93,7 @@ def main() -> None:
         "box_weight": model.config.box_weight,
         "seed": 0,
         "scale_factor": scale,
-        "scale_factor_from": f"posterior means of {args.scale_frames} train frames",
+        "scale_factor_from": scale_from,
         "measured_on": f"{args.data} val split, {result['protocol']['frames']} frames (benchmarks/box_fidelity.py)",
         "psnr_db": result["autoencoder"]["psnr_db"],
         "detector_sha256": result["protocol"]["detector_sha256"],
@@ -79,6 +101,13 @@ def main() -> None:
         "ap50_real_frames": {k: rows["real"][k]["AP50"] for k in ("all", "lt8", "8to16", "ge12", "ge16")},
         "ceiling_ge12_AP50_ratio": result["autoencoder"]["ceiling_ge12_AP50_ratio"],
     }
+    if base_card is not None:
+        # the whole recipe, in order: the base's training and shipping, then this decoder-only fine-tune from it
+        card["decoder_only"] = True
+        card["base"] = {k: base_card[k] for k in ("command", "ship_command", "steps", "lr", "lr_schedule",
+                                                  "box_weight", "summary") if k in base_card}
+        card["base"]["init_from_of_this_run"] = str(train_cfg.init_from)
+        card["total_steps"] = (base_card.get("total_steps") or base_card.get("steps") or 0) + (card["steps"] or 0)
     psnr, rec50, real50 = card["psnr_db"], card["ap50_reconstructions"], card["ap50_real_frames"]
     card["summary"] = (f"PSNR {psnr['frame']:.1f} dB, {psnr['boxes_ge12']:.1f} dB inside boxes >= 12 px; box AP50 "
                        f"(>= 12 px) {rec50['ge12']:.3f} on reconstructions vs {real50['ge12']:.3f} on real frames")
