@@ -131,13 +131,19 @@ class DemoStages:
         return self._train("video_decoder", self.s.data, autoencoder=str(self._export("autoencoder")))
 
     def pretrained_image_ldm(self) -> Path | None:
-        """The image LDM shipped for this preset, when the demo also uses the shipped autoencoder it was trained on
-        (its card records that autoencoder's sha256); None otherwise (`--from-scratch`, `--train-autoencoder`)."""
-        from drivesim.pretrained import model_card, shipped_checkpoint, weights_sha256
+        """The image LDM shipped for this preset, when the demo also uses the shipped autoencoder whose latents it
+        was trained on (its config's `encoder_id` is that autoencoder's encoder identity: a decoder-only fine-tune
+        of the autoencoder keeps it); None otherwise (`--from-scratch`, `--train-autoencoder`)."""
+        from drivesim.autoencoder.model import encoder_id
+        from drivesim.pretrained import shipped_checkpoint
+        from drivesim.training.checkpoint import load_model, read_header
 
         ae = self.pretrained_autoencoder()
         folder = None if self.s.from_scratch or ae is None else shipped_checkpoint("image_ldm", self.s.preset_name)
-        if folder is None or model_card(folder).get("autoencoder_sha256") != weights_sha256(ae):
+        if folder is None:
+            return None
+        trained_on = read_header(folder)[0]["config"].get("encoder_id")
+        if trained_on != encoder_id(*load_model(ae, "autoencoder_kl").encoder_fingerprint()):
             return None
         return folder
 
