@@ -215,3 +215,80 @@ def boxes_cmd(
         table.add_row(name, str(row["num_gt"]), *("-" if row[k] is None else f"{row[k]:.3f}"
                                                    for k in ("AP", "AP50", "AP75")))
     Console().print(table)
+
+
+# ---- perception trainability (eval/perception.py) ---------------------------------------------------------------
+
+
+@app.command("perception", context_settings={"allow_extra_args": True})
+def perception_cmd(
+    ctx: typer.Context,
+    real: Path = typer.Option(..., "--real", help="Real clip-format dataset: its train split trains (a) and (c), its "
+                                                 "val split scores every run."),
+    synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic clip-format dataset (e.g. from `drivesim "
+                                                           "generate`): trains (b) and (c)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the runs (runs/<set>-seed<k>/, reused or resumed "
+                                                      "when run again), perception.json and report.html."),
+    steps: int = typer.Option(1200, "--steps", help="Optimizer steps of every run (the shipped detector's 1200)."),
+    seeds: list[int] = typer.Option(None, "--seeds", help="Seeds, e.g. --seeds 0 1 2 (default): each training set "
+                                                          "is trained once per seed; rows give mean ± std."),
+    synthetic_fraction: float = typer.Option(0.5, "--synthetic-fraction", help="(c): probability that a training "
+                                                                               "frame comes from --synthetic."),
+    synthetic_split: str = typer.Option("all", "--synthetic-split", help="Clips of --synthetic used: all, train "
+                                                                         "or val."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Frames per optimizer step."),
+    size: str = typer.Option("128x256", "--size", help="Detector input HEIGHTxWIDTH (frames and boxes are resized to "
+                                                       "it; 128x256 is the shipped detector's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result record as JSON instead of a table."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the training progress bars."),
+) -> None:
+    """What synthetic data adds to a detector: the reference detector trained at equal optimizer steps on (a) real
+    train clips, (b) synthetic clips only, (c) both mixed, each scored on the real val split (COCO AP, AP50, AP75,
+    AP50 by size), mean ± std over seeds."""
+    import contextlib
+    import dataclasses
+    import json
+    import shlex
+    import sys
+
+    from drivesim.eval.detector import DetectorConfig
+    from drivesim.eval.perception import evaluate_perception
+    from drivesim.eval.perception_report import comparison_lines, perception_table
+    from rich.console import Console
+
+    from drivesim.pipeline.data import parse_size
+
+    # `--seeds 0 1 2`: click gives the first value to --seeds and leaves the others as extra arguments
+    extra = list(ctx.args)
+    if extra and not seeds:
+        raise ConfigError(f"{extra[0]}: unexpected argument (seeds follow --seeds)")
+    try:
+        seeds = [*(seeds or [0, 1, 2]), *(int(v) for v in extra)]
+    except ValueError:
+        bad = next(v for v in extra if not v.lstrip("-").isdigit())
+        raise ConfigError(f"--seeds: {bad!r} is not an integer") from None
+    if synthetic_split not in ("all", "train", "val"):
+        raise ConfigError(f"--synthetic-split: {synthetic_split!r} is not one of all, train, val")
+    for flag, path in (("--real", real), ("--synthetic", synthetic)):
+        if not path.is_dir():
+            raise ConfigError(f"{path}: {flag}: no such dataset folder")
+    config = dataclasses.replace(DetectorConfig(), resolution=parse_size(size))
+    command = shlex.join(["drivesim", "eval", "perception", "--real", str(real), "--synthetic", str(synthetic),
+                          "--out", str(out), "--steps", str(steps), "--seeds", *map(str, seeds),
+                          "--synthetic-fraction", f"{synthetic_fraction:g}", "--synthetic-split", synthetic_split,
+                          "--batch-size", str(batch_size), "--size", size])
+    console = Console(stderr=as_json)
+    # with --json, stdout carries the record only: the training loop's lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        record = evaluate_perception(real, synthetic, out, steps=steps, seeds=seeds,
+                                     synthetic_fraction=synthetic_fraction,
+                                     synthetic_split=None if synthetic_split == "all" else synthetic_split,
+                                     batch_size=batch_size, config=config, progress=progress,
+                                     log=lambda line: console.print(line, highlight=False), command=command)
+    if as_json:
+        typer.echo(json.dumps(record, indent=1))
+        return
+    console.print(perception_table(record))
+    for line in comparison_lines(record):
+        console.print(line, highlight=False)
+    console.print(f"wrote {out / 'perception.json'} and {out / 'report.html'}", highlight=False)

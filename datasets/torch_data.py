@@ -46,7 +46,7 @@ class ClipDataset(Dataset):
 
     Args:
         root: dataset folder (with manifest.json).
-        split: "train" or "val".
+        split: "train" or "val"; None takes every clip of the dataset.
         num_frames: frames per sample (1 gives single frames for image training, see `FrameDataset`).
         frame_stride: step between the sampled frames, in source frames.
         size: (h, w) to resize frames to (OpenCV INTER_AREA when shrinking), or None to keep the video size.
@@ -65,12 +65,12 @@ class ClipDataset(Dataset):
         DataError: bad manifest/annotation (at construction), bad video (on first access), empty selection.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", num_frames: int = 8, frame_stride: int = 1,
+    def __init__(self, root: str | Path, split: str | None = "train", num_frames: int = 8, frame_stride: int = 1,
                  size: tuple[int, int] | None = None, max_boxes: int = 16, hflip_p: float = 0.0,
                  cache_clips: int | None = 128):
         self.root = Path(root)
         manifest = read_manifest(self.root)
-        self.entries: list[ClipEntry] = manifest.split(split)
+        self.entries: list[ClipEntry] = manifest.clips if split is None else manifest.split(split)
         if not self.entries:
             raise DataError(f"{self.root / 'manifest.json'}: clips: no clips in split {split!r}")
         self.split, self.num_frames, self.frame_stride = split, num_frames, frame_stride
@@ -130,7 +130,7 @@ class FrameDataset(ClipDataset):
     share one layout; image models fold it with `rearrange(x, "b t c h w -> (b t) c h w")`.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", size: tuple[int, int] | None = None,
+    def __init__(self, root: str | Path, split: str | None = "train", size: tuple[int, int] | None = None,
                  max_boxes: int = 16, hflip_p: float = 0.0, cache_clips: int | None = 128):
         super().__init__(root, split, num_frames=1, frame_stride=1, size=size, max_boxes=max_boxes,
                          hflip_p=hflip_p, cache_clips=cache_clips)

@@ -398,7 +398,7 @@ def box_fidelity_rows(detector_path, real_dir, generated_dir, autoencoder=None, 
     }
 
 
-def _outline(image: np.ndarray, fb: FrameBoxes, colour=(255, 64, 64)) -> np.ndarray:
+def draw_boxes(image: np.ndarray, fb: FrameBoxes, colour=(255, 64, 64)) -> np.ndarray:
     """A copy of (h, w, 3) uint8 `image` with 1-pixel outlines of the boxes (pixels xyxy)."""
     out = image.copy()
     h, w = out.shape[:2]
@@ -427,6 +427,6 @@ def fidelity_strip(generated_dir, size: tuple[int, int], count: int = 6, seed: i
     def pad(img):
         return np.pad(img, ((2, 2), (2, 2), (0, 0)), constant_values=255)
 
-    top = np.concatenate([pad(_outline(data.frames[i], data.boxes[i])) for i in picks], axis=1)
-    bottom = np.concatenate([pad(_outline(data.frames[i], other[i], (64, 160, 255))) for i in picks], axis=1)
+    top = np.concatenate([pad(draw_boxes(data.frames[i], data.boxes[i])) for i in picks], axis=1)
+    bottom = np.concatenate([pad(draw_boxes(data.frames[i], other[i], (64, 160, 255))) for i in picks], axis=1)
     return np.concatenate([top, bottom], axis=0)

@@ -35,6 +35,8 @@ from drivesim.registry import register_model
 
 __all__ = ["BoxDetector", "DetectorConfig", "Detections"]
 
+MAX_BOXES = 64  # box slots per training frame; a frame with more keeps its largest boxes
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -249,7 +251,7 @@ def train_detector(data, out_dir, config: DetectorConfig | None = None, train_co
     """Train the reference detector on the train split of the clip-format dataset `data` through the shared loop
     (checkpoints under `out_dir/checkpoints`, resumable, exported to `out_dir/model`).
 
-    Frames are resized to `config.resolution`; boxes (up to 64 per frame) follow; mirrored with probability
+    Frames are resized to `config.resolution`; boxes (up to `MAX_BOXES` per frame) follow; mirrored with probability
     `hflip_p`.
 
     Returns:
@@ -258,8 +260,26 @@ def train_detector(data, out_dir, config: DetectorConfig | None = None, train_co
     Raises:
         DataError: a bad dataset or an empty train split; ConfigError / CheckpointError as `train`.
     """
-    import torch
     from drivesim.datasets.torch_data import FrameDataset
+
+    config = config or DetectorConfig()
+    dataset = FrameDataset(data, "train", size=tuple(config.resolution), max_boxes=MAX_BOXES, hflip_p=hflip_p)
+    return fit_detector(dataset, out_dir, config, train_config, resume=resume, progress=progress)
+
+
+def fit_detector(dataset, out_dir, config: DetectorConfig | None = None, train_config=None, *, resume: bool = True,
+                 progress: bool = True):
+    """Train a fresh `BoxDetector` (initialised from `train_config.seed`) on `dataset` (items in the layout of
+    `drivesim.datasets.torch_data.FrameDataset`, frames at `config.resolution`) through the shared loop, in the run
+    folder `out_dir` (resumed from its latest checkpoint when `resume`).
+
+    Returns:
+        `drivesim.training.loop.TrainResult`.
+
+    Raises:
+        ConfigError / CheckpointError / DataError: as `drivesim.training.loop.train`.
+    """
+    import torch
 
     from drivesim.training.loop import train
 
@@ -267,5 +287,4 @@ def train_detector(data, out_dir, config: DetectorConfig | None = None, train_co
     train_config = train_config or default_train_config()
     torch.manual_seed(train_config.seed)
     model = BoxDetector(config)
-    dataset = FrameDataset(data, "train", size=tuple(config.resolution), max_boxes=64, hflip_p=hflip_p)
     return train(model, dataset, train_config, out_dir, resume=resume, progress=progress)

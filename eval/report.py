@@ -249,6 +249,14 @@ dl.protocol { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14
 dl.protocol dt { font-weight: 600; } dl.protocol dd { margin: 0; }
 """
 
+
+def standalone_page(title: str, body: str) -> str:
+    """A self-contained HTML page in this report's style: `title` as heading, `body` (HTML) below it."""
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1>{body}</body></html>")
+
+
 # Draws the boxes of the frame on screen. requestVideoFrameCallback gives the presented frame's media time; the
 # frame index is floor(t * fps) (the encoder gives frame k the timestamp k / fps).
 _JS = """
