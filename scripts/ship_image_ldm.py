@@ -4,8 +4,10 @@
         --measured benchmarks/results/box_fidelity.json --out drivesim/pretrained/image-ldm-cpu-small \
         --train-command "drivesim train image_ldm ..."
 
-The card records the sha256 of the autoencoder whose latents it was trained on (the demo uses the image LDM only
-with that autoencoder) and the box-fidelity rows measured by `benchmarks/box_fidelity.py` (`--measured`). A run
+The card records the sha256 of the autoencoder it ships with and was measured through, and the box-fidelity rows
+measured by `benchmarks/box_fidelity.py` (`--measured`). Which latents it was trained on is its config's
+`encoder_id` (the encoder's identity): the demo uses the image LDM with an autoencoder of that encoder, so a
+decoder-only fine-tune of the autoencoder keeps it valid (re-ship to re-measure through the new decoder). A run
 fine-tuned from another (`drivesim train --init-from RUN/model-ema`) names that run and its command with
 `--init-run` / `--init-command`, so the card gives every command from nothing to the shipped weights.
 """
@@ -28,7 +30,8 @@ from drivesim.training.checkpoint import load_model, save_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--ae", type=Path, required=True, help="the autoencoder whose latents trained the run")
+    ap.add_argument("--ae", type=Path, required=True,
+                    help="the autoencoder it ships with: its encoder made the latents that trained the run")
     ap.add_argument("--measured", type=Path, required=True, help="benchmarks/box_fidelity.py result of the run")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-command", required=True)
@@ -41,6 +44,10 @@ def main() -> None:
     torch.set_grad_enabled(False)
     src = args.run / "model-ema"
     model = load_model(src, "image_ldm")
+    from drivesim.autoencoder.model import encoder_id
+
+    if model.config.encoder_id != encoder_id(*load_model(args.ae, "autoencoder_kl").encoder_fingerprint()):
+        sys.exit(f"{args.ae}: its encoder did not make the latents {src} was trained on (encoder_id differs)")
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)
     steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
