@@ -25,6 +25,7 @@ from drivesim.cli import demo as demo_cmds
 from drivesim.cli import encode as encode_cmds
 from drivesim.cli import eval as eval_cmds
 from drivesim.cli import export as export_cmds
+from drivesim.cli import generate as generate_cmds
 from drivesim.cli import report as report_cmds
 from drivesim.cli import rollout as rollout_cmds
 from drivesim.cli import sample as sample_cmds
@@ -51,6 +52,7 @@ app.command("sample-image")(sample_cmds.sample_image)
 app.add_typer(scenario_cmds.app, name="scenario")
 app.command("export")(export_cmds.export_cmd)
 app.command("rollout", epilog=rollout_cmds.EPILOG)(rollout_cmds.rollout_cmd)
+app.command("generate", epilog=generate_cmds.EPILOG)(generate_cmds.generate_cmd)
 app.command("demo", epilog=demo_cmds.EPILOG)(demo_cmds.demo_cmd)
 
 err_console = Console(stderr=True)

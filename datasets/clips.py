@@ -323,20 +323,29 @@ def write_clip(dataset_dir: str | Path, frames: np.ndarray, annotation: ClipAnno
     return video, ann
 
 
-def write_manifest(dataset_dir: str | Path, clips: list[tuple[str, str]], **meta: Any) -> Path:
-    """Write `manifest.json` listing `(clip_id, split)` pairs; `meta` (source, command, seed...) is recorded."""
+def write_manifest(dataset_dir: str | Path, clips: list[tuple[str, str]], clip_meta: dict[str, dict] | None = None,
+                   **meta: Any) -> Path:
+    """Write `manifest.json` listing `(clip_id, split)` pairs; `meta` (source, command, seed...) is recorded, and
+    `clip_meta[clip_id]` (e.g. a generated clip's source and seed) is added to that clip's row (readers ignore it).
+    """
     root = Path(dataset_dir)
     for _clip_id, split in clips:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    extra = clip_meta or {}
     data = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **meta,
-        "clips": [{"id": c, "video": f"{c}.mp4", "annotation": f"{c}.json", "split": s} for c, s in clips],
+        "clips": [_manifest_row(c, s, extra.get(c, {})) for c, s in clips],
     }
     write_json_atomic(root / "manifest.json", data)
     return root / "manifest.json"
+
+
+def _manifest_row(clip_id: str, split: str, extra: dict) -> dict[str, Any]:
+    row = {"id": clip_id, "video": f"{clip_id}.mp4", "annotation": f"{clip_id}.json", "split": split}
+    return row | {k: v for k, v in extra.items() if k not in row}  # extras never redirect a clip's files
 
 
 CLIP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -52,10 +52,17 @@ from drivesim.rollout.config import (
 )
 from drivesim.rollout.plan import RolloutPlan, make_plan, process_device, shard, to_uint8, unit_generator
 from drivesim.rollout.runner import Rollout
-from drivesim.rollout.stack import RolloutModels, init_checkpoint_dir, load_models, resolve_fps, stack_fps
+from drivesim.rollout.stack import (
+    RolloutModels,
+    checkpoint_sha256s,
+    init_checkpoint_dir,
+    load_models,
+    resolve_fps,
+    stack_fps,
+)
 
 __all__ = ["RolloutConfig", "RolloutModels", "RolloutPlan", "Rollout", "load_models", "init_checkpoint_dir",
            "unit_generator", "shard", "check_rollout_config", "check_rollout_length", "MODEL_DIRS", "STATE_VERSION",
            "MAX_MINUTES", "MAX_FRAMES", "FACTOR", "make_plan", "process_device", "resolve_fps",
-           "stack_fps", "to_uint8"]
+           "stack_fps", "to_uint8", "checkpoint_sha256s"]
 

@@ -57,7 +57,7 @@ def load_models(ckpt_dir: str | Path, upsample: bool = False, device: str | torc
         CheckpointError: a folder is missing or holds another model class, or a latent model was trained on
             another autoencoder's latents (its recorded `encoder_id`) (message names the folder).
     """
-    from drivesim.training.checkpoint import latest_checkpoint, load_model
+    from drivesim.training.checkpoint import load_model
 
     root = Path(ckpt_dir)
     if not root.is_dir():
@@ -80,11 +80,45 @@ def load_models(ckpt_dir: str | Path, upsample: bool = False, device: str | torc
                 if "model_class" not in str(e) or cls == MODEL_DIRS[name][-1]:
                     raise
         models[name] = model
-        real = folder if (folder / "config.json").is_file() else latest_checkpoint(folder / "checkpoints") or folder
+        real = checkpoint_folder(folder)
         _check_encoder(models, name, folder)
         h.update(name.encode())
         h.update(_fingerprint(real).encode())
     return RolloutModels(fingerprint=h.hexdigest(), **models)
+
+
+def checkpoint_folder(folder: str | Path) -> Path:
+    """The folder holding the weights a stack member loads from: `folder` itself for an exported model (it has a
+    config.json), else the latest complete checkpoint of the training run `folder` (else `folder`)."""
+    from drivesim.training.checkpoint import latest_checkpoint
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    return latest_checkpoint(folder / "checkpoints") or folder
+
+
+def checkpoint_sha256s(ckpt_dir: str | Path, upsample: bool = False) -> dict[str, str]:
+    """sha256 of each stack member's model.safetensors ({"autoencoder": hex, ...}; the upsampler when `upsample`):
+    the identity a generated dataset records of the models that made it.
+
+    Raises:
+        CheckpointError: a member folder or its model.safetensors is missing (names the file).
+    """
+    root = Path(ckpt_dir)
+    out: dict[str, str] = {}
+    for name in MODEL_DIRS:
+        if name == "upsampler" and not upsample:
+            continue
+        weights = checkpoint_folder(root / name) / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: {name}: weights file not found")
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[name] = h.hexdigest()
+    return out
 
 
 def stack_fps(models: RolloutModels) -> float | None:
