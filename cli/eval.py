@@ -277,7 +277,7 @@ def perception_cmd(
                           "--out", str(out), "--steps", str(steps), "--seeds", *map(str, seeds),
                           "--synthetic-fraction", f"{synthetic_fraction:g}", "--synthetic-split", synthetic_split,
                           "--batch-size", str(batch_size), "--size", size])
-    console = Console(stderr=as_json)
+    console = Console(stderr=as_json, soft_wrap=True)  # no hard wraps: log lines stay greppable
     # with --json, stdout carries the record only: the training loop's lines go to stderr
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         record = evaluate_perception(real, synthetic, out, steps=steps, seeds=seeds,
