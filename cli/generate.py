@@ -54,7 +54,7 @@ def generate_cmd(
                                                                "clip)."),
     jitter_boxes: int = typer.Option(0, "--jitter-boxes", help="Shift each track by a random offset of up to PX "
                                                                "pixels in x and y (seeded per clip)."),
-    time_shift: int = typer.Option(0, "--time-shift", help="Start the source tracks K frames later."),
+    time_shift: int = typer.Option(0, "--time-shift", help="Start the source tracks K frames (of the source) later."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cuda (cuda:LOCAL_RANK under a "
                                                        "launcher)."),
     config: Path = typer.Option(None, "--config", help="RolloutConfig YAML."),

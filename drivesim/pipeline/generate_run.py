@@ -140,8 +140,9 @@ class RunFolder:
                 this run's news).
         """
         said = False
+        missing = list(ids)
         while True:
-            missing = [i for i in ids if self.done_record(i) is None]
+            missing = [i for i in missing if self.done_record(i) is None]  # a done record stays: look at the rest
             on_progress(len(ids) - len(missing))
             if not missing:
                 return
