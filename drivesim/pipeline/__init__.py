@@ -6,6 +6,7 @@ It sits above the core (`drivesim` models, diffusion, training), `drivesim.datas
     train_stage(stage, preset, data, out)          one stage through the shared loop (`drivesim train`)
     encode_dataset(ae, data, out)                  the latent cache (`drivesim encode`)
     rollout_scenarios(scenarios, ckpt_dir, out, cfg)   multi-minute rollouts, sharded over processes
+    generate_dataset(sources, stack, out)          labelled synthetic clips (`drivesim generate`), sharded
     sample_images(ckpt, boxes, out)                single frames from the image LDM (`drivesim sample-image`)
     run_demo(demo_settings(...))                   the whole stack end to end (`drivesim demo`)
 
