@@ -277,6 +277,9 @@ def evaluate_perception(real, synthetic, out, *, steps: int = 1200, seeds: Seque
         if len(ds) < batch_size:
             raise DataError(f"{root / 'manifest.json'}: {split} split: {len(ds)} frames, fewer than one batch "
                             f"(--batch-size {batch_size})")
+    if synthetic_split != "train" and _sha256(synthetic / "manifest.json") == _sha256(real / "manifest.json"):
+        raise ConfigError(f"{synthetic}: --synthetic: is --real itself, and its {synthetic_split or 'all'} clips "
+                          "include the val split that scores every run; use --synthetic-split train")
 
     recipe = run_train_config(steps, batch_size, 0, checkpoint_every)
     protocol = {

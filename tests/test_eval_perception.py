@@ -259,6 +259,8 @@ BAD = {
     "missing dataset": (None, ["--real", "{t}/nothing", "--synthetic", "{syn}"], r"nothing: --real: no such dataset"),
     "batch larger than the data": (None, ["--real", "{real}", "--synthetic", "{syn}", "--batch-size", "64"],
                                    r"train split: 16 frames, fewer than one batch \(--batch-size 64\)"),
+    "synthetic is the real val split": (None, ["--real", "{real}", "--synthetic", "{real}"],
+                                        r"--synthetic: is --real itself.*use --synthetic-split train"),
     "size off the stride": (None, ["--real", "{real}", "--synthetic", "{syn}", "--size", "40x64"],
                             r"--size: 40x64; the detector needs multiples of 16"),
 }
