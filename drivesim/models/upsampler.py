@@ -171,9 +171,10 @@ class Upsampler(nn.Module):
         if height < p or width < p:
             raise DataError(f"batch: frames: {height}x{width} is smaller than upsampler.patch_size {p}")
         b = x.shape[0]
-        # one crop per clip, shared by its frames, on the scale grid so the area downsampling is aligned
-        top = torch.randint(0, (height - p) // s + 1, (b,)) * s
-        left = torch.randint(0, (width - p) // s + 1, (b,)) * s
+        # one crop per clip, shared by its frames, on the scale grid so the area downsampling is aligned; Python
+        # ints, so the crop's size never depends on tensor values (a FakeTensorMode trace, drivesim.pipeline.plan)
+        top = (torch.randint(0, (height - p) // s + 1, (b,)) * s).tolist()
+        left = (torch.randint(0, (width - p) // s + 1, (b,)) * s).tolist()
         x = torch.stack([x[i, :, :, top[i]:top[i] + p, left[i]:left[i] + p] for i in range(b)])
         level = torch.randint(0, self.config.max_noise_level + 1, (b,)).to(x.device)
         cond = self.condition(area_downsample(x, s), (p, p), level)
