@@ -49,6 +49,7 @@ from torch import nn
 from drivesim.atomic import replace_dir
 from drivesim.configs import FORMAT_VERSION, ConfigError, from_dict, to_dict
 from drivesim.errors import CheckpointError, WriteError
+from drivesim.training.sharding import fits, shard_like, shard_optimizer_state
 
 CONFIG_NAME = "config.json"
 MODEL_NAME = "model.safetensors"
@@ -239,6 +240,9 @@ def _first_difference(a: Any, b: Any, prefix: str = "config") -> str | None:
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """`model.load_state_dict(state, strict=True)` with one-line errors naming the file and the tensor.
 
+    A model sharded by FSDP2 takes the full tensors too: each process keeps its slice (`sharding.shard_like`; a
+    0-dim tensor loads into its lifted `(1,)` parameter).
+
     Raises:
         CheckpointError: a missing or unexpected tensor, or a shape mismatch.
     """
@@ -250,9 +254,9 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: Pa
     if unexpected:
         raise CheckpointError(f"{source}: {unexpected[0]}: unexpected tensor ({len(unexpected)} unexpected)")
     for k, v in own.items():
-        if tuple(v.shape) != tuple(state[k].shape):
+        if not fits(state[k], v):
             raise CheckpointError(f"{source}: {k}: shape {tuple(state[k].shape)}, model has {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: shard_like(v, own[k]) for k, v in state.items()}, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,9 +387,10 @@ def _to_json_value(v: Any) -> Any:
     return v
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer, group_names: list[list[str]]) -> tuple[dict, dict]:
-    """Split `optimizer.state_dict()` into (tensors for safetensors, JSON-able rest)."""
-    sd = optimizer.state_dict()
+def optimizer_to_files(optimizer: torch.optim.Optimizer, group_names: list[list[str]],
+                       state_dict: dict | None = None) -> tuple[dict, dict]:
+    """Split `state_dict` (default `optimizer.state_dict()`) into (tensors for safetensors, JSON-able rest)."""
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors: dict[str, torch.Tensor] = {}
     plain_state: dict[str, dict[str, Any]] = {}
     for idx, entry in sd["state"].items():
@@ -473,11 +478,14 @@ def save_training_checkpoint(
     is_main: bool,
     barrier: Callable[[], None],
     keep: int = 0,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write `root/step_<step>/` atomically; every process must call it (each writes its RNG state).
 
     Args:
-        model_state / ema_state: full state dicts (gathered by the caller under FSDP/DeepSpeed).
+        model_state / ema_state: full state dicts (gathered by the caller under FSDP).
+        optimizer_state: the optimizer's state_dict with full tensors (gathered by the caller under FSDP; None:
+            `optimizer.state_dict()`). Only the main process's values are used.
         keep: keep only the newest `keep` complete checkpoints (0 keeps all).
 
     Returns:
@@ -504,7 +512,7 @@ def save_training_checkpoint(
             _save_tensors(model_state, tmp / MODEL_NAME)
             if ema_state is not None:
                 _save_tensors(ema_state, tmp / EMA_NAME)
-            opt_tensors, opt_meta = optimizer_to_files(optimizer, group_names)
+            opt_tensors, opt_meta = optimizer_to_files(optimizer, group_names, optimizer_state)
             _save_tensors(opt_tensors, tmp / OPTIMIZER_TENSORS)
             _write_json(opt_meta, tmp / OPTIMIZER_JSON)
             _write_json(scheduler.state_dict(), tmp / SCHEDULER_JSON)
@@ -562,7 +570,7 @@ def load_training_checkpoint(
         ema.load_shadow(ema_state, str(folder / EMA_NAME))
     opt_state = optimizer_from_files(read_tensors(folder / OPTIMIZER_TENSORS), read_json(folder / OPTIMIZER_JSON),
                                      group_names, folder / OPTIMIZER_JSON)
-    optimizer.load_state_dict(opt_state)
+    optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer))
     scheduler.load_state_dict(read_json(folder / SCHEDULER_JSON))
     trainer_state = read_json(folder / TRAINER_STATE)
     rng_st, rng_js = _rng_files(rank)

@@ -2,13 +2,17 @@
 
 Only trainable parameters are averaged: frozen parameters and buffers never change through the optimizer, so
 `ema_state_dict` takes them from the live model. The shadow copies are float32 whatever the training precision,
-so a long run at decay 0.9999 does not lose the small increments to rounding.
+so a long run at decay 0.9999 does not lose the small increments to rounding. Under FSDP2 the EMA is built from
+the sharded parameters, so each shadow is a `DTensor` holding this process's slice (1/N of the memory), updated
+without communication; `ema_state_dict` then holds `DTensor`s too (gathered by `sharding.gather_full` to save).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from drivesim.training.sharding import fits, shard_like
 
 
 class EMA:
@@ -70,10 +74,12 @@ class EMA:
         for n in self.names:
             if n not in state:
                 raise CheckpointError(f"{source}: {n}: missing EMA tensor")
-            if tuple(state[n].shape) != tuple(self.shadow[n].shape):
+            if not fits(state[n], self.shadow[n]):
                 raise CheckpointError(f"{source}: {n}: shape {tuple(state[n].shape)}, model has "
                                       f"{tuple(self.shadow[n].shape)}")
-            self.shadow[n] = state[n].to(dtype=torch.float32, device=self.shadow[n].device).clone()
+            # a shadow sharded like its FSDP2 parameter keeps this process's slice of the full value
+            value = state[n].to(dtype=torch.float32, device=self.shadow[n].device)
+            self.shadow[n] = shard_like(value, self.shadow[n]).clone()
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

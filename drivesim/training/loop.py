@@ -19,6 +19,7 @@ One module because it is the one training loop, meant to be read in one sitting 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from drivesim.training import checkpoint as ckpt
 from drivesim.training.data import DataStream
 from drivesim.training.ema import EMA
 from drivesim.training.history import OPTIMISATION_FIELDS, append_history, check_resume_config
+from drivesim.training.sharding import drop_lifted, full_optimizer_state, gather_full, is_sharded, lift_scalars
 
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -154,7 +156,11 @@ def _make_accelerator(cfg: TrainConfig, out_dir: Path, find_unused: bool):
     # precision or accumulation would otherwise be refused. The process group itself is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ConfigError("accelerate config: DeepSpeed is not supported by drivesim's training loop (its ZeRO "
+                          "optimizer and engine bypass the loop's checkpoints, EMA and clipping); use FSDP "
+                          "(docs/accelerate/fsdp.yaml) or DDP (docs/training.md)")
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with="tensorboard" if cfg.tracker else None,
@@ -162,6 +168,35 @@ def _make_accelerator(cfg: TrainConfig, out_dir: Path, find_unused: bool):
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
     )
+    _fsdp_setup(accelerator)
+    return accelerator
+
+
+def _fsdp_setup(accelerator) -> None:
+    """Refuse FSDP1 and turn FSDP on for CPU processes.
+
+    FSDP1 keeps flat parameters whose per-process views have lost their names' shapes; the loop's EMA, parameter
+    groups and checkpoints need FSDP2's per-parameter `DTensor`s (`drivesim.training.sharding`).
+
+    accelerate enters FSDP only on accelerator devices (its `AcceleratorState` switches MULTI_GPU, MULTI_XPU, ...
+    to FSDP); on the CPU it would run DDP with an FSDP config, silently. FSDP2 runs over gloo, so the state is
+    switched here: the config that shards a GPU run shards the CPU runs that test it.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if (wants_fsdp and accelerator.device.type == "cpu"
+            and state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)):
+        plugin = FullyShardedDataParallelPlugin()
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(f"accelerate config: fsdp_version: {state.fsdp_plugin.fsdp_version} is not supported; "
+                          "set fsdp_version: 2 (FSDP2, per-parameter sharding; docs/accelerate/fsdp.yaml)")
 
 
 def train(
@@ -212,6 +247,7 @@ def train(
         NonFiniteLossError: `cfg.max_bad_steps` consecutive steps had a non-finite loss or gradient; the last
             good checkpoint is left as the latest.
     """
+    from accelerate.utils import DistributedType
     from diffusers.optimization import get_scheduler
 
     validate_train_config(cfg)
@@ -231,15 +267,15 @@ def train(
     if latest is None and cfg.init_from:
         # before the EMA copies the weights; a resumed run already holds the fine-tuned weights
         ckpt.init_weights(model, cfg.init_from)
+    # FSDP2 shards dim 0 and refuses 0-dim parameters: those become (1,) under their names (`lift_scalars`)
+    lifted = lift_scalars(model) if accelerator.distributed_type == DistributedType.FSDP else set()
     groups, group_names = build_param_groups(model, cfg)
-    trainable = [p for g in groups for p in g["params"]]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    del groups  # under FSDP, prepare() replaces the parameters: the old full ones must not stay referenced
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=max(cfg.max_steps, 1))
     # the new config's hyperparameters, for a resume that was allowed to change them
     fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     state = {"step": 0, "epoch": 0, "position": 0, "bad_steps_total": 0}
     rng_to_restore = None
@@ -249,8 +285,12 @@ def train(
                           "resume or use another output folder")
     wrapper = _LossModule(model)
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
+    # after prepare: on the device, and under FSDP the sharded parameters (the EMA's shadows are sharded alike)
+    model = accelerator.unwrap_model(wrapper).model
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    sharded = any(is_sharded(p) for p in model.parameters())
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if latest is not None:
         rng_to_restore = _resume(latest, state, accelerator, model, optimizer, group_names, scheduler, ema, rank)
         if any(k in OPTIMISATION_FIELDS or k == "max_steps" for k in changed):
@@ -267,7 +307,8 @@ def train(
         console.print(
             f"[bold]{ckpt.model_class_name(model)}[/bold]: trainable {_fmt_count(_count(trainable))} params "
             f"({len(trainable)} tensors), frozen {_fmt_count(_count(frozen))} params ({len(frozen)} tensors); "
-            f"{world} process(es) on {accelerator.device}, mixed precision {cfg.mixed_precision}, global batch "
+            f"{world} process(es){' (FSDP2, parameters sharded)' if sharded else ''} on {accelerator.device}, "
+            f"mixed precision {cfg.mixed_precision}, global batch "
             f"{cfg.batch_size * world * cfg.grad_accum_steps}"
             + (f"; resuming from {latest} (step {start_step})" if latest is not None else ""),
             highlight=False)
@@ -279,10 +320,12 @@ def train(
         accelerator.init_trackers("drivesim", config=_flat_config(cfg))
 
     def save(step: int) -> Path:
-        unwrapped = accelerator.unwrap_model(wrapper).model
+        # full tensors in the model's shapes, gathered one by one under FSDP (collectives: every process takes part,
+        # the main one keeps them)
+        model_state, ema_state = _full_states(model, ema, is_main, lifted)
         return ckpt.save_training_checkpoint(
-            ckpt_root, step, model=unwrapped, model_state=accelerator.get_state_dict(unwrapped),
-            ema_state=ema.ema_state_dict(unwrapped) if ema is not None else None, optimizer=optimizer,
+            ckpt_root, step, model=model, model_state=model_state, ema_state=ema_state, optimizer=optimizer,
+            optimizer_state=full_optimizer_state(optimizer, is_main, [n for g in group_names for n in g], lifted),
             group_names=group_names, scheduler=scheduler, train_config=cfg,
             trainer_state={"step": step, **stream.state(), "bad_steps_total": int(state["bad_steps_total"]),
                            "ema_updates": ema.num_updates if ema is not None else 0, "num_processes": world,
@@ -318,7 +361,7 @@ def train(
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                     if ema is not None:
-                        ema.update(accelerator.unwrap_model(wrapper).model)
+                        ema.update(model)
                 optimizer.zero_grad(set_to_none=True)
                 consecutive_bad = 0
                 final_loss = loss_sum
@@ -362,8 +405,8 @@ def train(
     export_dir = ema_export_dir = None
     if export:
         finished_before = latest is not None and start_step >= cfg.max_steps
-        export_dir, ema_export_dir = _export(out_dir, accelerator, wrapper, ema, finished_before, is_main, console,
-                                             start_step)
+        export_dir, ema_export_dir = _export(out_dir, accelerator, model, ema, lifted, finished_before, is_main,
+                                             console, start_step)
     if console:
         console.print(f"done: step {step} ({stop_reason}), {step - start_step} steps in {elapsed:.1f} s, "
                       f"{bad_this_call} skipped; checkpoint {last_saved}", highlight=False)
@@ -426,22 +469,28 @@ def _gradients(accelerator, wrapper: nn.Module, stream: DataStream, trainable: l
     return loss_sum, logs_sum, grad_norm, bool(nonfinite.item() > 0)
 
 
-def _export(out_dir: Path, accelerator, wrapper: nn.Module, ema: EMA | None, finished_before: bool, is_main: bool,
-            console, start_step: int) -> tuple[Path | None, Path | None]:
+def _full_states(model: nn.Module, ema: EMA | None, is_main: bool, lifted: set[str]):
+    """(model state, EMA state or None): full tensors in the model's own shapes on the main process (empty dicts
+    elsewhere); collectives under FSDP."""
+    model_state = drop_lifted(gather_full(model.state_dict(), is_main), lifted)
+    ema_state = drop_lifted(gather_full(ema.ema_state_dict(model), is_main), lifted) if ema is not None else None
+    return model_state, ema_state
+
+
+def _export(out_dir: Path, accelerator, model: nn.Module, ema: EMA | None, lifted: set[str], finished_before: bool,
+            is_main: bool, console, start_step: int) -> tuple[Path | None, Path | None]:
     """Write the inference checkpoints out_dir/model (live weights) and out_dir/model-ema. A finished run run again
     keeps the exports it has (a later step may have written into them: `drivesim encode` records the autoencoder's
     scale factor in model/config.json); one killed between its two exports gets the missing one."""
     model_dir, ema_dir = out_dir / "model", out_dir / "model-ema"
     keep_model = finished_before and (model_dir / ckpt.CONFIG_NAME).is_file()
     keep_ema = finished_before and (ema_dir / ckpt.CONFIG_NAME).is_file()
-    unwrapped = accelerator.unwrap_model(wrapper).model
-    full = accelerator.get_state_dict(unwrapped)  # a collective under FSDP: every process calls it
+    full, ema_full = _full_states(model, ema, is_main, lifted)  # every process gathers, whatever it then writes
     export_dir = ema_export_dir = None
     if is_main:
-        export_dir = model_dir if keep_model else ckpt.save_model(unwrapped, model_dir, state_dict=full)
+        export_dir = model_dir if keep_model else ckpt.save_model(model, model_dir, state_dict=full)
         if ema is not None:
-            ema_export_dir = ema_dir if keep_ema else ckpt.save_model(unwrapped, ema_dir,
-                                                                     state_dict=ema.ema_state_dict(unwrapped))
+            ema_export_dir = ema_dir if keep_ema else ckpt.save_model(model, ema_dir, state_dict=ema_full)
     accelerator.wait_for_everyone()
     if console and keep_model and (ema is None or keep_ema):
         console.print(f"{out_dir}: already finished at step {start_step}; nothing to do (exports kept)",
