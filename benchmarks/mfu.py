@@ -27,11 +27,11 @@ import unet_vs_svd  # noqa: E402
 TARGET_MFU = 0.40
 
 
-def matmul_fn(n: int, dtype: torch.dtype):
-    """(callable doing one n x n @ n x n matmul in `dtype`, its FLOPs = 2 n^3)."""
+def matmul_fn(n: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """(callable doing one n x n @ n x n matmul in `dtype` on `device`, its FLOPs = 2 n^3)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
     return (lambda: torch.mm(a, b)), 2 * n**3
 
 

@@ -79,8 +79,9 @@ def svd_config(preset) -> dict:
     )
 
 
-def build(which: str, preset, batch_size: int, seed: int = 0):
-    """(model, step_inputs) for `which` in {"ours", "ours_frozen", "svd"}; inputs are fixed random tensors."""
+def build(which: str, preset, batch_size: int, seed: int = 0, device: str | torch.device = "cpu"):
+    """(model, forward, target) for `which` in {"ours", "ours_frozen", "svd"}; inputs are fixed random tensors, drawn
+    on the CPU (the same values on every device) and moved with the model to `device`."""
     from einops import repeat
 
     from drivesim.types import Conditioning
@@ -110,14 +111,16 @@ def build(which: str, preset, batch_size: int, seed: int = 0):
         # blocks start zero-initialised (identity): perturb every parameter so gradients flow everywhere, as in a
         # trained model (SVD's zero-init is overwritten the same way below)
         _randomise(model, g)
-        return model, (lambda: model(x, timesteps, cond)), target
+        x, timesteps, target, cond = x.to(device), timesteps.to(device), target.to(device), cond.to(device)
+        return model.to(device), (lambda: model(x, timesteps, cond)), target
     from diffusers import UNetSpatioTemporalConditionModel
 
     model = UNetSpatioTemporalConditionModel(**svd_config(preset))
     _randomise(model, g)
     ehs = torch.randn(b, ucfg.boxes.max_boxes, ucfg.boxes.token_dim, generator=g)
     added = torch.tensor([[6.0, 127.0, 0.02]]).repeat(b, 1)  # fps id, motion bucket id, noise augmentation
-    return model, (lambda: model(x, timesteps, ehs, added, return_dict=False)[0]), target
+    x, timesteps, target, ehs, added = (v.to(device) for v in (x, timesteps, target, ehs, added))
+    return model.to(device), (lambda: model(x, timesteps, ehs, added, return_dict=False)[0]), target
 
 
 def _randomise(model: torch.nn.Module, g: torch.Generator) -> None:
