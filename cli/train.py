@@ -29,19 +29,25 @@ Fine-tune from another run's (or a shipped) weights, fresh optimizer:
   drivesim train image_ldm --preset cpu-small --data runs/latents.h5 \
       --out runs/ldm_ft --init-from drivesim/pretrained/image-ldm-cpu-small
 
-Many GPUs / nodes (DDP). --batch-size is per process; one optimizer step
-sees batch_size x processes x grad_accum_steps samples:
+Many GPUs / nodes (docs/training.md). --batch-size is per process; one
+optimizer step sees batch_size x processes x grad_accum_steps samples:
 
-  accelerate launch --multi_gpu --num_processes 8 \\
+  accelerate launch --config_file docs/accelerate/ddp.yaml \\
       -m drivesim.cli.main train image_ldm --preset paper-512x1024 ...
 
-  accelerate launch --multi_gpu --num_machines 2 --num_processes 16 \\
-      --machine_rank 0 --main_process_ip HOST --main_process_port 29500 \\
+  accelerate launch --config_file docs/accelerate/fsdp.yaml \\
+      -m drivesim.cli.main train prediction ...    (FSDP2 full shard)
+
+  accelerate launch --config_file docs/accelerate/fsdp.yaml \\
+      --num_machines 2 --num_processes 16 --machine_rank 0 \\
+      --main_process_ip HOST --main_process_port 29500 \\
       -m drivesim.cli.main train prediction ...   (rank 1 on node 2)
 
   torchrun --nproc_per_node 2 -m drivesim.cli.main train ...  (CPU: gloo)
 
-FSDP / DeepSpeed: run `accelerate config`, then `accelerate launch`.
+DDP and FSDP2 are supported and tested (2 CPU processes, kill and resume);
+FSDP1 and DeepSpeed are refused. Checkpoints are the one-process format
+whatever the launch, so a run resumes under another process count.
 """
 
 

@@ -18,6 +18,7 @@ One module because it is the one training loop, meant to be read in one sitting 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -173,7 +174,7 @@ def _make_accelerator(cfg: TrainConfig, out_dir: Path, find_unused: bool):
 
 
 def _fsdp_setup(accelerator) -> None:
-    """Refuse FSDP1 and turn FSDP on for CPU processes.
+    """Refuse FSDP1, turn FSDP on for CPU processes, and set FSDP's mixed precision to the loop's.
 
     FSDP1 keeps flat parameters whose per-process views have lost their names' shapes; the loop's EMA, parameter
     groups and checkpoints need FSDP2's per-parameter `DTensor`s (`drivesim.training.sharding`).
@@ -189,14 +190,24 @@ def _fsdp_setup(accelerator) -> None:
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if (wants_fsdp and accelerator.device.type == "cpu"
             and state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)):
-        plugin = FullyShardedDataParallelPlugin()
-        if state.mixed_precision != "no":
-            plugin.set_mixed_precision(state.mixed_precision)
-        state.fsdp_plugin = plugin
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
         state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
+    if state.distributed_type != DistributedType.FSDP:
+        return
+    if state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError(f"accelerate config: fsdp_version: {state.fsdp_plugin.fsdp_version} is not supported; "
                           "set fsdp_version: 2 (FSDP2, per-parameter sharding; docs/accelerate/fsdp.yaml)")
+    if state.mixed_precision in ("bf16", "fp16"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # accelerate's FSDP2 policy computes in param_dtype without autocast and casts every forward input (box
+        # coordinates too) to it, but the models make fp32 tensors inside (timestep embeddings) and expect autocast,
+        # as under DDP. So: half-precision all-gathers (half the traffic and memory of a gathered block; torchtitan's
+        # choice), inputs left as they are, the forward under autocast (`_gradients`), gradients reduce-scattered in
+        # fp32 as DDP all-reduces them
+        state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if state.mixed_precision == "bf16" else torch.float16,
+            reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def train(
@@ -444,14 +455,16 @@ def _gradients(accelerator, wrapper: nn.Module, stream: DataStream, trainable: l
         (loss: () tensor on the device, mean over micro-batches; the models' logs averaged; the gradient norm;
         bad: the loss or the gradient was not finite on some process, the one host sync of the step).
     """
-    from accelerate.utils import send_to_device
+    from accelerate.utils import DistributedType, send_to_device
 
     loss_sum = torch.zeros((), device=accelerator.device)
     nonfinite = torch.zeros((), device=accelerator.device)
     logs_sum: dict[str, float] = {}
+    # accelerate wraps the forward in autocast itself, except under FSDP2 (see `_fsdp_setup`)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     for _ in range(cfg.grad_accum_steps):
         batch = send_to_device(stream.next(), accelerator.device)
-        with accelerator.accumulate(wrapper):
+        with accelerator.accumulate(wrapper), accelerator.autocast() if fsdp else contextlib.nullcontext():
             loss, logs = wrapper(batch)
             accelerator.backward(loss)
             loss = loss.detach().float()
