@@ -39,13 +39,13 @@ def memoized_extractors(ex):
 
 
 def to_dict_cfg(cfg) -> dict:
-    """An autoencoder config as a dict for comparison: the scale factor (computed from data) and the loss-only
-    fields of the image autoencoder (which do not change the network) left out."""
+    """An autoencoder config as a dict for comparison: the scale factor (computed from data) and the training-only
+    fields of the image autoencoder (loss terms, `decoder_only`: they do not change the network) left out."""
     from drivesim.configs import to_dict
 
     d = to_dict(cfg)
     for key in ("scale_factor", "box_weight", "kl_weight", "disc_start", "disc_weight", "lpips_weights",
-                "lpips_weight", "rec_loss"):
+                "lpips_weight", "rec_loss", "decoder_only"):
         d.pop(key, None)
     return d
 
