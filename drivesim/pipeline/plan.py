@@ -8,10 +8,10 @@ excluded), with gradient checkpointing off and on.
 
 The static memory follows what `drivesim.training.loop.train` keeps: fp32 parameters (accelerate's bf16 is autocast;
 there is no separate master copy), fp32 gradients of the trainable parameters, AdamW's two fp32 moments, the EMA's
-fp32 shadow of the trainable parameters (kept on the device, a full copy on every process), and under DDP the
-reducer's gradient buckets (accelerate leaves `gradient_as_bucket_view` off: a second copy of the gradients). FSDP
-full-shard divides parameters, gradients and optimizer state by the number of GPUs; activations, the batch and the
-EMA are per GPU.
+fp32 shadow of the trainable parameters (kept on the device: a full copy on every process under DDP, built from the
+sharded parameters under FSDP), and under DDP the reducer's gradient buckets (accelerate leaves
+`gradient_as_bucket_view` off: a second copy of the gradients). FSDP full-shard divides parameters, gradients,
+optimizer state and the EMA by the number of GPUs; activations and the batch are per GPU.
 
 Training scale (steps, per-GPU batch) is the preset's `train` block; the GPU counts are the paper's where it states
 them (`STAGE_GPUS`). GPU-hours = steps x global batch x FLOPs per sample / (MFU x peak FLOP/s).
@@ -240,11 +240,11 @@ def plan_stage(preset: Preset, stage: str, *, precision: str = "bf16", mfu: floa
               "adamw_moments": 8 * trainable, "ema": 4 * trainable, "ddp_buckets": 4 * trainable}
     per_gpu = {}
     for k in keys:
-        shared = act[k] + batch_bytes + static["ema"]
+        shared = act[k] + batch_bytes
         per_gpu[f"ddp_{k}"] = {**static, "activations": act[k], "batch": batch_bytes,
                                "total": sum(static.values()) + act[k] + batch_bytes}
-        sharded = {n: -(-static[n] // fsdp_gpus) for n in ("weights", "gradients", "adamw_moments")}
-        per_gpu[f"fsdp_{k}"] = {**sharded, "ema": static["ema"], "ddp_buckets": 0, "activations": act[k],
+        sharded = {n: -(-static[n] // fsdp_gpus) for n in ("weights", "gradients", "adamw_moments", "ema")}
+        per_gpu[f"fsdp_{k}"] = {**sharded, "ddp_buckets": 0, "activations": act[k],
                                 "batch": batch_bytes, "total": sum(sharded.values()) + shared}
     global_batch = b * gpus
     hours = {k: sum(p["steps"] * global_batch * p[f"flops_per_sample_{k}"] for p in phases)
@@ -270,7 +270,8 @@ NOTES = [
     "all-gathered parameters of the units in flight.",
     "Static memory is what the training loop keeps: fp32 parameters (bf16 is autocast, no separate master copy), "
     "fp32 gradients, AdamW exp_avg + exp_avg_sq in fp32, the EMA's fp32 shadow of the trainable parameters (a full "
-    "copy on every process, also under FSDP), and under DDP the gradient buckets (a second gradient copy).",
+    "copy on every process under DDP, sharded like the parameters under FSDP), and under DDP the gradient buckets (a "
+    "second gradient copy).",
     "Totals add the full gradients to the activation peak: an upper bound, since gradients fill in while "
     "activations are freed during backward.",
     "GPU-hours = steps x per-GPU batch x GPUs x FLOPs per sample / (MFU x peak); the autoencoders' steps after "
