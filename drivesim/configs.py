@@ -534,6 +534,8 @@ def override(cfg: T, key: str, raw: str, source: str = "--set") -> T:
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])}: unknown key for {type(cfg).__name__}")
         if i == len(parts) - 1:
+            if isinstance(node[part], str) and isinstance(value, bool):
+                value = raw  # YAML 1.1 reads no/yes/on/off as booleans: a text field keeps the word
             node[part] = value
         else:
             node = node[part]

@@ -315,6 +315,9 @@ def test_yaml_unknown_key_and_overrides(tmp_path):
     assert override(preset, "image_ldm.unet.channel_mult", "[1, 2, 4]").image_ldm.unet.channel_mult == (1, 2, 4)
     _one_line_error(ConfigError, lambda: override(preset, "image_ldm.unet.chanel_mult", "[1]"),
                     "image_ldm.unet.chanel_mult", "unknown key")
+    # YAML 1.1 reads "no" as False: a text field keeps the word (mixed_precision: 'no' | 'bf16' | 'fp16')
+    bf16 = override(preset, "train.image_ldm.mixed_precision", "bf16")
+    assert override(bf16, "train.image_ldm.mixed_precision", "no").train["image_ldm"].mixed_precision == "no"
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
