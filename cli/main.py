@@ -30,6 +30,7 @@ from drivesim.cli import report as report_cmds
 from drivesim.cli import rollout as rollout_cmds
 from drivesim.cli import sample as sample_cmds
 from drivesim.cli import scenario as scenario_cmds
+from drivesim.cli import stack as stack_cmds
 from drivesim.cli import train as train_cmds
 from rich.console import Console
 
@@ -50,6 +51,7 @@ app.command("train", epilog=train_cmds.EPILOG)(train_cmds.train_cmd)
 app.command("report")(report_cmds.report_cmd)
 app.command("sample-image")(sample_cmds.sample_image)
 app.add_typer(scenario_cmds.app, name="scenario")
+app.add_typer(stack_cmds.app, name="stack")
 app.command("export")(export_cmds.export_cmd)
 app.command("rollout", epilog=rollout_cmds.EPILOG)(rollout_cmds.rollout_cmd)
 app.command("generate", epilog=generate_cmds.EPILOG)(generate_cmds.generate_cmd)
