@@ -5,6 +5,9 @@ Presets (see `../shared/SPEC.md`):
 - `cpu-small`: minutes on a 2-core CPU at 128x256 (latent 4x16x32).
 - `paper-512x1024`: the paper's driving stack (128x256 key frames, x4 upsampler to 512x1024).
 
+Every preset has an `autoencoder_3d` block (LVDM's 3D autoencoder) and a `latent_space` field choosing which
+autoencoder's latents the stack works on ("kl-f8" in all three).
+
 YAML exists only as a dump/load of these dataclasses (`to_dict` / `from_dict`): unknown keys are rejected by
 name, so a typo fails at load time, not deep inside training.
 
@@ -85,6 +88,50 @@ class AutoencoderConfig:
     video_temporal_weight: float = 0.0
     decode_chunk_frames: int = 8
     decode_chunk_overlap: int = 2
+
+
+@dataclass(frozen=True)
+class Autoencoder3DConfig:
+    """LVDM's 3D video autoencoder (He et al. 2022, Sec. 3.1; SPEC section 2): 3D convolutions with repeat padding
+    compress (t, H, W) by (frames_per_latent, 8, 8) into `latent_channels` = 4 (`VideoAutoencoder3D`).
+
+    Its own block rather than a `kind` switch in `AutoencoderConfig`: the two share the loss fields but not the
+    architecture (no attention, no video decoder, no alpha blending; a temporal downsampling per level), so a switch
+    would leave half of either config meaningless. Field names shared with `AutoencoderConfig` mean the same.
+    """
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 1
+    # one entry per downsampling (len(channel_mult) - 1): True halves time there too. LVDM / TATS halve it at the first
+    # levels, (4, 8, 8) in all, which is also where it saves the most compute (the full-resolution levels see t/2)
+    temporal_downsample: tuple[bool, ...] = (True, True, False)
+    dropout: float = 0.0
+    # 1 / std of latents over a sample of the training clips; computed from data, never typed by hand.
+    scale_factor: float = 1.0
+    # loss: as AutoencoderConfig (LVDM's official config: L1 + LPIPS + GAN, kl_weight 0, disc_start 50001, weight 0.5)
+    rec_loss: str = "l1"
+    box_weight: float = 0.0
+    decoder_only: bool = False
+    kl_weight: float = 1e-6
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    disc_layers: int = 3
+    lpips_weights: str | None = None
+    lpips_weight: float = 1.0
+    video_temporal_weight: float = 0.0
+    # decoding in overlapping chunks of LATENT frames (each decodes to frames_per_latent video frames), cross-faded
+    # over the overlap; training clips default to one chunk: 4 latent frames = 16 video frames, LVDM's clip length
+    decode_chunk_frames: int = 4
+    decode_chunk_overlap: int = 1
+
+    @property
+    def frames_per_latent(self) -> int:
+        """Video frames one latent frame stands for: 2 ** (number of temporal downsamplings)."""
+        return 2 ** sum(bool(d) for d in self.temporal_downsample)
 
 
 @dataclass(frozen=True)
@@ -255,6 +302,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
+LATENT_SPACES = ("kl-f8", "3d")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything one named preset fixes: every model's config and each stage's training config."""
@@ -267,6 +317,20 @@ class Preset:
     interpolation: VideoLDMConfig
     upsampler: UpsamplerConfig
     train: dict[str, TrainConfig]  # stage name -> training config
+    # the stack's latent space: "kl-f8" (the image autoencoder, one latent per frame; Video LDM) or "3d" (LVDM's 3D
+    # autoencoder `autoencoder_3d`, one latent frame per frames_per_latent video frames). The latent stages check
+    # that a cache holds latents of this space (the models on 3D latents are not implemented yet: issue 21)
+    latent_space: str = "kl-f8"
+    autoencoder_3d: Autoencoder3DConfig = field(default_factory=Autoencoder3DConfig)
+
+    def __post_init__(self) -> None:
+        if self.latent_space not in LATENT_SPACES:
+            raise ConfigError(f"latent_space: {self.latent_space!r} not in {LATENT_SPACES}")
+
+    @property
+    def frames_per_latent(self) -> int:
+        """Video frames one latent frame of the stack's latent space stands for (1 for kl-f8)."""
+        return self.autoencoder_3d.frames_per_latent if self.latent_space == "3d" else 1
 
 
 def _tiny() -> Preset:
@@ -288,7 +352,10 @@ def _tiny() -> Preset:
         upsampler=UpsamplerConfig(patch_size=16, chunk_frames=4,
                                   unet=dataclasses.replace(unet, in_channels=6, out_channels=3)),
         train={s: quick for s in ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation",
-                                  "upsampler")},
+                                  "upsampler", "autoencoder_3d")},
+        # training clips of 2 latent frames = 8 video frames
+        autoencoder_3d=Autoencoder3DConfig(base_channels=8, channel_mult=(1, 1, 2, 2), num_res_blocks=1, disc_start=2,
+                                           disc_channels=8, disc_layers=2, decode_chunk_frames=2),
     )
 
 
@@ -323,7 +390,13 @@ def _cpu_small() -> Preset:
         # on one CPU thread, batch 2 at 2.8 GiB and ~6 s/step (measured); lr 1e-3 for its zero-initialised temporal
         # layers (the recipe measured in the README)
         train={s: base for s in ("autoencoder", "image_ldm", "prediction", "interpolation", "upsampler")}
-        | {"video_decoder": dataclasses.replace(base, batch_size=2, lr=1e-3)},
+        | {"video_decoder": dataclasses.replace(base, batch_size=2, lr=1e-3),
+           "autoencoder_3d": dataclasses.replace(base, batch_size=1)},
+        # the KL-f8 autoencoder's widths and box weight, and the video decoder's temporal-difference loss, so the two
+        # latent spaces are compared at the same recipe; one 16-frame clip per step
+        autoencoder_3d=Autoencoder3DConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1,
+                                           box_weight=1.0, disc_start=1000, disc_channels=32, disc_layers=3,
+                                           video_temporal_weight=1.0),
     )
 
 
@@ -355,7 +428,11 @@ def _paper() -> Preset:
             "prediction": keyframe,
             "interpolation": keyframe,
             "upsampler": dataclasses.replace(keyframe, max_steps=84_000, batch_size=4, lr=1e-5),
+            # LVDM's official video AE lr (3.6e-5); 16-frame clips
+            "autoencoder_3d": dataclasses.replace(keyframe, max_steps=100_000, batch_size=2, lr=3.6e-5),
         },
+        # about LVDM's widths (TATS encoder: 32, then 64-128-256 per level), time halved at the first two levels
+        autoencoder_3d=Autoencoder3DConfig(base_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=1),
     )
 
 

@@ -1,5 +1,7 @@
-"""KL-f8 autoencoder, its video-fine-tuned decoder, latent scale factor and (optional) LPIPS loss."""
+"""KL-f8 autoencoder, its video-fine-tuned decoder, LVDM's 3D autoencoder, latent scale factor and (optional) LPIPS
+loss."""
 
+from drivesim.autoencoder.autoencoder_3d import VideoAutoencoder3D
 from drivesim.autoencoder.model import AutoencoderKL, compute_scale_factor
 from drivesim.autoencoder.networks import Decoder, DiagonalGaussian, Encoder, VideoDecoder, check_frames, chunk_windows
 from drivesim.autoencoder.video import VideoAutoencoder
@@ -10,6 +12,7 @@ __all__ = [
     "DiagonalGaussian",
     "Encoder",
     "VideoAutoencoder",
+    "VideoAutoencoder3D",
     "VideoDecoder",
     "check_frames",
     "chunk_windows",

@@ -7,12 +7,15 @@
 - `VideoAutoencoder` ("video_autoencoder"): same encoder (frozen) and a `VideoDecoder` = the image decoder with
   a `TemporalConvBlock` + `AlphaBlender` after each of its ResNet blocks (Blattmann et al. 2023, Sec. 3.3 / 4.1
   "temporal decoder fine-tuning"; sgm `VideoDecoder`), trained against a 3D-conv patch video discriminator.
+- `VideoAutoencoder3D` ("video_autoencoder_3d", `drivesim.autoencoder.autoencoder_3d`): LVDM's 3D autoencoder
+  (He et al. 2022, Sec. 3.1), a subclass that reuses this loss, GAN arrangement, scale factor and chunked decoding.
 
-Both supply `loss(batch) -> (loss, logs)` for the shared training loop and `param_groups(train_cfg)`; the GAN is
+All supply `loss(batch) -> (loss, logs)` for the shared training loop and `param_groups(train_cfg)`; the GAN is
 arranged so that ONE optimizer step over all parameters is the LDM two-optimizer recipe (see `loss`).
 
-Layouts: frames `(b, t, 3, H, W)` float in [-1, 1]; latents `(b, t, 4, H/8, W/8)` (raw = what the encoder gives;
-scaled = raw * scale_factor, what the diffusion models see).
+Layouts: frames `(b, t, 3, H, W)` float in [-1, 1]; latents `(b, t / frames_per_latent, 4, H/8, W/8)`
+(frames_per_latent 1 here, 4 for the 3D autoencoder; raw = what the encoder gives; scaled = raw * scale_factor, what
+the diffusion models see).
 """
 
 
@@ -78,7 +81,11 @@ class AutoencoderKL(nn.Module):
     can be downloaded here, so every preset runs without it (pure L1/L2 + KL + GAN).
     """
 
-    has_video_decoder: ClassVar[bool] = False  # True for `drivesim.autoencoder.video.VideoAutoencoder`
+    # True when the decoder decodes the frames of a clip jointly (`VideoAutoencoder`, `VideoAutoencoder3D`): the
+    # temporal-difference loss applies
+    has_video_decoder: ClassVar[bool] = False
+    # video frames one latent frame stands for (4 for `VideoAutoencoder3D`)
+    frames_per_latent: int = 1
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
@@ -89,7 +96,11 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder: Decoder = VideoDecoder(config) if config.video_decoder else Decoder(config)
-        disc_cls = VideoDiscriminator3D if config.video_decoder else NLayerDiscriminator
+        self._init_training_parts(VideoDiscriminator3D if config.video_decoder else NLayerDiscriminator)
+
+    def _init_training_parts(self, disc_cls: type[nn.Module]) -> None:
+        """The discriminator, the `global_step` buffer and LPIPS, after `config`, `encoder` and `decoder` are set."""
+        config = self.config
         self.discriminator = disc_cls(config.in_channels, config.disc_channels, config.disc_layers)
         if config.decoder_only:
             self.encoder.requires_grad_(False)
@@ -140,13 +151,14 @@ class AutoencoderKL(nn.Module):
         Args:
             latents: (b, t, latent_channels, h, w) RAW latents (divide scaled latents by scale_factor, or use
                 `decode_scaled`).
-            num_frames: frames decoded jointly per chunk (default `config.decode_chunk_frames`; the temporal
-                layers see this many frames). Chunks overlap by `config.decode_chunk_overlap` frames and are
-                linearly cross-faded there, so chunk seams do not jump. Pass t (or more) to decode in one go.
+            num_frames: latent frames decoded jointly per chunk (default `config.decode_chunk_frames`; the temporal
+                layers see this many frames). Chunks overlap by `config.decode_chunk_overlap` latent frames and are
+                linearly cross-faded there (over the video frames those latents decode to), so chunk seams do not
+                jump. Pass t (or more) to decode in one go.
             image_only: (b,) bool, True for samples that are single images (video decoder: alpha = 1).
 
         Returns:
-            (b, t, 3, 8h, 8w) frames, nominally in [-1, 1] (not clipped).
+            (b, t * frames_per_latent, 3, 8h, 8w) frames, nominally in [-1, 1] (not clipped).
 
         Peak memory is that of decoding `b * num_frames` frames plus the output when called under
         `torch.no_grad()` (with autograd on, every chunk's graph is kept; training calls the decoder directly).
@@ -158,18 +170,19 @@ class AutoencoderKL(nn.Module):
         windows = chunk_windows(t, chunk, overlap)
         if len(windows) == 1:
             return self._decode_frames(latents, image_only)
+        f = self.frames_per_latent  # latent window [s, e) decodes to video frames [f s, f e)
         out = None
-        total = torch.zeros(t, dtype=torch.float64)
+        total = torch.zeros(t * f, dtype=torch.float64)
         for i, (s, e) in enumerate(windows):
             rec = self._decode_frames(latents[:, s:e], image_only)
-            w = crossfade_weights(s, e, i == 0, i == len(windows) - 1,
-                                   windows[i - 1][1] if i > 0 else s,
-                                   windows[i + 1][0] if i + 1 < len(windows) else e)
+            w = crossfade_weights(f * s, f * e, i == 0, i == len(windows) - 1,
+                                   f * windows[i - 1][1] if i > 0 else f * s,
+                                   f * windows[i + 1][0] if i + 1 < len(windows) else f * e)
             if out is None:
-                out = rec.new_zeros((b, t) + rec.shape[2:])
+                out = rec.new_zeros((b, t * f) + rec.shape[2:])
             # frames covered by one chunk only get weight exactly 1: no rounding away from the unchunked result
-            out[:, s:e] += rec * rearrange(w.to(rec.dtype), "t -> 1 t 1 1 1").to(rec.device)
-            total[s:e] += w
+            out[:, f * s:f * e] += rec * rearrange(w.to(rec.dtype), "t -> 1 t 1 1 1").to(rec.device)
+            total[f * s:f * e] += w
         return out / rearrange(total.to(out.dtype), "t -> 1 t 1 1 1").to(out.device)
 
     def decode_scaled(self, latents: torch.Tensor, num_frames: int | None = None,
@@ -268,13 +281,13 @@ class AutoencoderKL(nn.Module):
             - rec_box (`box_weight` > 0 and the batch has "boxes" (b, t, n, 4) normalised xyxy and "box_mask"
               (b, t, n)): box_weight times the same error averaged over box pixels, each pixel weighted by its
               fractional coverage by the union of the frame's boxes (`union_coverage`);
-            - temporal (video decoder, `video_temporal_weight` > 0): the weight times the mean
-              |(x_rec[t+1] - x_rec[t]) - (x[t+1] - x[t])| per pixel value (the flicker measure of
+            - temporal (video decoders and the 3D autoencoder, `video_temporal_weight` > 0): the weight times
+              the mean |(x_rec[t+1] - x_rec[t]) - (x[t+1] - x[t])| per pixel value (the flicker measure of
               `drivesim.autoencoder.metrics.flicker`, on [-1, 1] pixels), part of the nll the adaptive GAN weight
               balances against;
             - KL (not with `decoder_only`): kl_weight * KL(q(z|x) || N(0, I)) summed over latent elements,
-              divided by the number of pixel values 3*H*W, so kl_weight keeps its LDM meaning (LDM sums both
-              terms per image);
+              divided by the number of pixel values 3*H*W (times `frames_per_latent`: the pixels one latent frame
+              stands for), so kl_weight keeps its LDM meaning (LDM sums both terms per image);
             - after `disc_start` steps: g_adv = -mean D(x_rec) through the discriminator with DETACHED
               parameters (gradient reaches the autoencoder only) weighted by the LDM adaptive weight, and the
               hinge loss on D(x) and D(x_rec.detach()) (gradient reaches the discriminator only).
@@ -298,7 +311,7 @@ class AutoencoderKL(nn.Module):
             box_rec = (diff * cover).sum() / (cover.sum() * x.shape[2]).clamp_min(1.0)
             nll = nll + self.config.box_weight * box_rec
             logs["rec_box"] = box_rec.item()
-        if self.config.video_decoder and self.config.video_temporal_weight > 0 and x.shape[1] > 1:
+        if self.has_video_decoder and self.config.video_temporal_weight > 0 and x.shape[1] > 1:
             temporal = (rec.diff(dim=1) - x.diff(dim=1)).abs().mean()
             nll = nll + self.config.video_temporal_weight * temporal
             logs["temporal"] = temporal.item()
@@ -309,7 +322,7 @@ class AutoencoderKL(nn.Module):
             logs["lpips"] = p_loss.item()
         total = nll
         if post is not None:
-            pixels = x.shape[2] * x.shape[3] * x.shape[4]
+            pixels = self.frames_per_latent * x.shape[2] * x.shape[3] * x.shape[4]  # pixel values per latent frame
             kl = post.kl().mean() / pixels
             total = total + self.config.kl_weight * kl
             logs["kl"] = kl.item() * pixels
