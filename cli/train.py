@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from drivesim.pipeline.stages import STAGE_NAMES
+from drivesim.pipeline.stages import EXTRA_STAGES, STAGE_NAMES
 from drivesim.pipeline.train import resolve_preset, train_stage, with_train_overrides
 
 EPILOG = """\
@@ -52,7 +52,7 @@ whatever the launch, so a run resumes under another process count.
 
 
 def train_cmd(
-    stage: str = typer.Argument(..., help=f"Stage to train: {', '.join(STAGE_NAMES)}."),
+    stage: str = typer.Argument(..., help=f"Stage to train: {', '.join(STAGE_NAMES + EXTRA_STAGES)}."),
     preset: str = typer.Option(None, "--preset", "-p", help="Preset: tiny, cpu-small, paper-512x1024."),
     data: Path = typer.Option(..., "--data", help="Training data: clip-format folder or latent cache."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, logs/, model/, model-ema/."),

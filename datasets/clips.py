@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
+from drivesim.bbox_conditioning.boxes import BoxTuple, PackedBoxes, pack_boxes
 from drivesim.bbox_conditioning.classes import CLASS_TO_ID
 from drivesim.datasets.video import iter_video_frames, read_video, write_video  # noqa: F401  (re-exported)
 
@@ -454,10 +454,15 @@ def pack_annotation(annotation: ClipAnnotation, max_boxes: int) -> PackedBoxes:
         PackedBoxes: boxes (T, n, 4) float32 normalised xyxy, classes (T, n) int64, mask (T, n) bool,
         track_ids (T, n) int64 from `track_id_map` (-1 padding); n = max_boxes, largest boxes kept.
     """
+    return pack_boxes(box_tuples(annotation), annotation.width, annotation.height, max_boxes)
+
+
+def box_tuples(annotation: ClipAnnotation) -> list[list[BoxTuple]]:
+    """Per frame, every box as `(track id from track_id_map, class id, x1, y1, x2, y2)` in pixels (what
+    `pack_boxes` and `drivesim.bbox_conditioning.latent_frames.group_boxes` take)."""
     ids = track_id_map(annotation)
-    frames = [[(ids[b.track_id], CLASS_TO_ID[b.cls], b.x1, b.y1, b.x2, b.y2) for b in boxes]
-              for boxes in annotation.frames]
-    return pack_boxes(frames, annotation.width, annotation.height, max_boxes)
+    return [[(ids[b.track_id], CLASS_TO_ID[b.cls], b.x1, b.y1, b.x2, b.y2) for b in boxes]
+            for boxes in annotation.frames]
 
 
 def write_synthetic_dataset(root: str | Path, clips: int = 2, frames: int = 4, size: tuple[int, int] = (32, 64),

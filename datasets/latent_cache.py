@@ -2,14 +2,25 @@
 
 File layout (h5py)::
 
-    /                      attrs: format="drivesim-latent-cache", format_version=1, encoder_id (sha256 hex, see
-                           `encoder_id`), scale_factor (float, the autoencoder's), created_by, dataset (source
-                           folder), max_boxes
-    /clips/<clip_id>/      attrs: night (0/1), crowdedness, fps, split, width, height (pixels of the encoded frames)
+    /                      attrs: format="drivesim-latent-cache", format_version=1 (2 when frames_per_latent > 1),
+                           encoder_id (sha256 hex, see `encoder_id`), scale_factor (float, the autoencoder's),
+                           created_by, dataset (source folder), max_boxes; only when a latent frame stands for
+                           several video frames (LVDM's 3D autoencoder: 4) also frames_per_latent (absent: 1) and
+                           box_reduction (how each group of frames' boxes became one latent frame's:
+                           `drivesim.bbox_conditioning.latent_frames`; absent: "none")
+    /clips/<clip_id>/      attrs: night (0/1), crowdedness, fps (of the VIDEO frames), split, width, height (pixels
+                           of the encoded frames); with frames_per_latent > 1 also num_video_frames (frames encoded:
+                           T * frames_per_latent, the source's first ones) and source_frames (the clip's length)
         latents            (T, 4, h, w) float16 (default) or float32 UNSCALED latents (what the encoder returns),
-                           one HDF5 chunk per clip, so reading a clip is one read
+                           one HDF5 chunk per clip, so reading a clip is one read; T latent frames
         boxes              (T, n, 4) float32 normalised xyxy      classes    (T, n) int64
         box_mask           (T, n) bool                            track_ids  (T, n) int64, -1 padding
+                           (one box list per LATENT frame)
+        video_boxes, video_classes, video_box_mask, video_track_ids   (only with frames_per_latent > 1) the same
+                           per VIDEO frame, T * frames_per_latent of them, so nothing the reduction dropped is lost
+
+Version 2 exists so that a reader of version 1, which knows nothing of frames_per_latent, refuses a cache whose latent
+frames are not video frames; caches of per-frame latents are still written as version 1.
 
 A cache is written to a temp file next to `path` and renamed on close, so a crash leaves no half cache; a failed
 write (full or read-only disk, I/O error) removes the temp file and raises one `WriteError` naming `path`. A reader
@@ -32,8 +43,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from drivesim.bbox_conditioning.boxes import PackedBoxes
-from drivesim.datasets.clips import load_clip, pack_annotation, read_manifest
+from drivesim.bbox_conditioning.boxes import PackedBoxes, pack_boxes
+from drivesim.bbox_conditioning.latent_frames import BOX_REDUCTIONS, group_boxes
+from drivesim.datasets.clips import ClipAnnotation, box_tuples, load_clip, pack_annotation, read_manifest
 from drivesim.datasets.torch_data import enumerate_windows
 from drivesim.datasets.transforms import frames_to_tensor, resize_frames
 from torch.utils.data import Dataset
@@ -44,7 +56,8 @@ from drivesim.errors import DataError, WriteError
 encoder_id = _encoder_id  # the cache's identity check (defined in the core, which latent models use too)
 
 FORMAT = "drivesim-latent-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this module reads; it writes 1 unless frames_per_latent > 1."""
 
 
 class _GuardedFile:
@@ -120,6 +133,9 @@ class LatentCacheWriter:
         dtype: "float16" or "float32" for latents.
         created_by: free text recorded in the root attrs (default: user@host drivesim).
         dataset: source dataset folder recorded in the root attrs.
+        frames_per_latent: video frames one latent frame stands for (1: per-frame latents).
+        box_reduction: how the boxes of a group of frames became one latent frame's ("none" when frames_per_latent
+            is 1; see `drivesim.bbox_conditioning.latent_frames`).
 
     Raises:
         WriteError: (here, from `add_clip` or `close`) the temp file cannot be created or written (full or
@@ -127,9 +143,14 @@ class LatentCacheWriter:
     """
 
     def __init__(self, path: str | Path, encoder_id: str, scale_factor: float = 1.0, max_boxes: int = 16,
-                 dtype: str = "float16", created_by: str | None = None, dataset: str = ""):
+                 dtype: str = "float16", created_by: str | None = None, dataset: str = "",
+                 frames_per_latent: int = 1, box_reduction: str = "none"):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        if frames_per_latent < 1 or (frames_per_latent == 1) != (box_reduction == "none"):
+            raise ValueError(f"frames_per_latent {frames_per_latent} with box_reduction {box_reduction!r}: 'none' "
+                             "exactly when frames_per_latent is 1")
+        self.frames_per_latent = frames_per_latent
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self.dtype = np.dtype(dtype)
@@ -146,9 +167,11 @@ class LatentCacheWriter:
             self.file = h5py.File(self._io, "w")
             if created_by is None:
                 created_by = f"drivesim on {getpass.getuser()}@{platform.node()}"
-            self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "encoder_id": encoder_id,
-                                    "scale_factor": float(scale_factor), "created_by": created_by,
-                                    "dataset": dataset, "max_boxes": max_boxes})
+            self.file.attrs.update({"format": FORMAT, "format_version": 1 if frames_per_latent == 1 else 2,
+                                    "encoder_id": encoder_id, "scale_factor": float(scale_factor),
+                                    "created_by": created_by, "dataset": dataset, "max_boxes": max_boxes})
+            if frames_per_latent > 1:
+                self.file.attrs.update({"frames_per_latent": frames_per_latent, "box_reduction": box_reduction})
             self.clips = self.file.create_group("clips")
             self._check()
         except BaseException:
@@ -163,11 +186,20 @@ class LatentCacheWriter:
             raise WriteError.from_os(self.path, err)
 
     def add_clip(self, clip_id: str, latents: np.ndarray | torch.Tensor, packed: PackedBoxes, *, night: int,
-                 crowdedness: int, fps: float, split: str, width: int, height: int) -> None:
+                 crowdedness: int, fps: float, split: str, width: int, height: int,
+                 video_packed: PackedBoxes | None = None, source_frames: int | None = None) -> None:
         """Store one clip. latents: (T, c, h, w) unscaled; packed: its boxes with T frames and max_boxes slots.
+
+        With frames_per_latent > 1 (and only then) `video_packed` holds the boxes of the T * frames_per_latent
+        encoded video frames and `source_frames` the clip's length in video frames.
 
         The clip is flushed to disk before returning, so a full disk is reported at the clip that filled it.
         """
+        if (video_packed is None) != (self.frames_per_latent == 1):
+            raise ValueError("video_packed: required exactly when frames_per_latent > 1")
+        if video_packed is not None and video_packed.boxes.shape[0] != packed.boxes.shape[0] * self.frames_per_latent:
+            raise ValueError(f"video_packed has {video_packed.boxes.shape[0]} frames, expected "
+                             f"{packed.boxes.shape[0]} x {self.frames_per_latent}")
         if isinstance(latents, torch.Tensor):
             latents = latents.detach().float().cpu().numpy()
         latents = np.asarray(latents)
@@ -184,6 +216,12 @@ class LatentCacheWriter:
             g.create_dataset(name, data=arr)
         g.attrs.update({"night": int(night), "crowdedness": int(crowdedness), "fps": float(fps), "split": split,
                         "width": int(width), "height": int(height)})
+        if video_packed is not None:
+            for name in PackedBoxes._fields:
+                g.create_dataset(f"video_{name}", data=getattr(video_packed, name))
+            g.attrs.update({"num_video_frames": int(video_packed.boxes.shape[0]),
+                            "source_frames": int(source_frames if source_frames is not None
+                                                 else video_packed.boxes.shape[0])})
         self.file.flush()
         self._check()
 
@@ -228,27 +266,37 @@ class LatentCacheWriter:
 def write_cache(dataset_root: str | Path, encode_fn: Callable[[torch.Tensor], torch.Tensor], out: str | Path,
                 encoder_id: str, batch_frames: int = 16, scale_factor: float = 1.0, max_boxes: int = 16,
                 size: tuple[int, int] | None = None, dtype: str = "float16", splits: tuple[str, ...] = ("train", "val"),
-                created_by: str | None = None) -> Path:
+                created_by: str | None = None, frames_per_latent: int = 1, box_reduction: str = "union") -> Path:
     """Encode every clip of a clip-format dataset into a latent cache.
 
     Args:
         dataset_root: clip-format folder.
-        encode_fn: maps frames (t, 3, h, w) float32 in [-1, 1] to UNSCALED latents (t, 4, h/8, w/8) (the autoencoder's
-            autoencoder: the posterior mean or a sample); called with at most `batch_frames` frames at a time.
+        encode_fn: maps frames (t, 3, h, w) float32 in [-1, 1] to UNSCALED latents (t / frames_per_latent, 4, h/8,
+            w/8) (the autoencoder's posterior mean or a sample); called with at most `batch_frames` frames at a
+            time, or, when frames_per_latent > 1, once per clip with all its frames (a 3D encoder sees the whole
+            clip, so its latents do not depend on where a batch was cut).
         out: the .h5 file to create (replaced atomically if it exists).
         encoder_id: identity of the encoder (`encoder_id(config, weights_digest)`).
         scale_factor: the autoencoder's scale factor, recorded for readers.
         size: (h, w) to resize frames to before encoding, or None for the video size.
+        frames_per_latent: video frames one latent frame stands for (4 for LVDM's 3D autoencoder). A clip's
+            first floor(T / f) * f frames are encoded (at most f - 1 are left out at its end).
+        box_reduction: with frames_per_latent > 1, how a group's boxes become one latent frame's (one of
+            `drivesim.bbox_conditioning.latent_frames.BOX_REDUCTIONS`); the per-frame boxes are stored too.
 
     Returns:
         the cache path.
 
     Raises:
-        DataError: any invalid clip (nothing is written then).
+        DataError: any invalid clip, or one shorter than frames_per_latent (nothing is written then).
     """
+    f = frames_per_latent
+    if f > 1 and box_reduction not in BOX_REDUCTIONS:
+        raise ValueError(f"box_reduction {box_reduction!r} not in {BOX_REDUCTIONS}")
     manifest = read_manifest(dataset_root)
     with LatentCacheWriter(out, encoder_id, scale_factor, max_boxes, dtype, created_by,
-                           dataset=str(Path(dataset_root).resolve())) as writer:
+                           dataset=str(Path(dataset_root).resolve()), frames_per_latent=f,
+                           box_reduction=box_reduction if f > 1 else "none") as writer:
         for entry in manifest.clips:
             if entry.split not in splits:
                 continue
@@ -256,18 +304,47 @@ def write_cache(dataset_root: str | Path, encode_fn: Callable[[torch.Tensor], to
             if size is not None:
                 frames = resize_frames(frames, size)
             x = frames_to_tensor(frames)
-            z = torch.cat([encode_fn(x[i:i + batch_frames]).float().cpu() for i in range(0, len(x), batch_frames)])
             h, w = x.shape[-2:]
-            if z.shape[0] != len(x) or z.shape[-2:] != (h // 8, w // 8):
+            extra = {}
+            if f == 1:
+                z = torch.cat([encode_fn(x[i:i + batch_frames]).float().cpu() for i in range(0, len(x), batch_frames)])
+                packed = pack_annotation(ann, max_boxes)
+            else:
+                n = len(x) // f * f
+                if n == 0:
+                    raise DataError(f"{entry.video}: {len(x)} frames; a latent frame of this autoencoder stands "
+                                    f"for {f}")
+                z = encode_fn(x[:n]).float().cpu()
+                packed = pack_latent_boxes(ann, f, max_boxes, box_reduction)
+                video = pack_annotation(ann, max_boxes)
+                extra = {"video_packed": PackedBoxes(*(a[:n] for a in video)), "source_frames": len(x)}
+            if z.shape[0] != len(x) // f or z.shape[-2:] != (h // 8, w // 8):
                 raise ValueError(f"encode_fn returned {tuple(z.shape)} for frames {tuple(x.shape)}; expected "
-                                 f"({len(x)}, c, {h // 8}, {w // 8})")
-            writer.add_clip(ann.clip_id, z, pack_annotation(ann, max_boxes), night=ann.night,
-                            crowdedness=ann.crowdedness, fps=ann.fps, split=entry.split, width=w, height=h)
+                                 f"({len(x) // f}, c, {h // 8}, {w // 8})")
+            writer.add_clip(ann.clip_id, z, packed, night=ann.night, crowdedness=ann.crowdedness, fps=ann.fps,
+                            split=entry.split, width=w, height=h, **extra)
     return Path(out)
+
+
+def pack_latent_boxes(annotation: ClipAnnotation, frames_per_latent: int, max_boxes: int,
+                      reduction: str = "union") -> PackedBoxes:
+    """One box list per latent frame of a clip: its first floor(T / f) * f frames' boxes reduced per group of f
+    (`drivesim.bbox_conditioning.latent_frames.group_boxes`), then packed as `pack_annotation` packs frames.
+
+    Returns:
+        PackedBoxes with T // f frames (boxes (T // f, n, 4) normalised xyxy, classes, box_mask, track_ids as
+        `pack_annotation`'s: the same track ids).
+    """
+    frames = box_tuples(annotation)
+    groups = group_boxes(frames[:len(frames) // frames_per_latent * frames_per_latent], frames_per_latent, reduction)
+    return pack_boxes(groups, annotation.width, annotation.height, max_boxes)
 
 
 class LatentCache:
     """Read-only view of a latent cache.
+
+    Attributes: encoder_id, scale_factor, max_boxes, created_by, frames_per_latent (1 unless a latent frame stands
+    for several video frames), box_reduction, and `meta` per clip (its attrs + num_frames = LATENT frames).
 
     Args:
         path: the .h5 file.
@@ -302,6 +379,9 @@ class LatentCache:
         self.scale_factor = float(attrs.get("scale_factor", 1.0))
         self.max_boxes = int(attrs.get("max_boxes", 0))
         self.created_by = str(attrs.get("created_by", ""))
+        # video frames per latent frame (4: LVDM's 3D autoencoder) and how its boxes were reduced ("none" for 1)
+        self.frames_per_latent = int(attrs.get("frames_per_latent", 1))
+        self.box_reduction = str(attrs.get("box_reduction", "none"))
         self.meta: dict[str, dict[str, Any]] = {}
         try:
             clips = f["clips"]

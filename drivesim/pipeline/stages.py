@@ -23,6 +23,9 @@ from drivesim.errors import ConfigError
 STAGE_NAMES = ("autoencoder", "video_decoder", "image_ldm", "prediction", "interpolation", "upsampler")
 """The paper's training stages, in training order (SPEC "Order of training")."""
 
+EXTRA_STAGES = ("autoencoder_3d",)
+"""Stages outside the Video LDM order: LVDM's 3D autoencoder (the `latent_space: 3d` alternative to the first two)."""
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -68,7 +71,7 @@ def get_stage(name: str) -> StageSpec:
         ready = ", ".join(s for s in STAGE_NAMES if s in STAGES) or "none"
         raise ConfigError(f"stage: {name!r} has no training builder registered yet in drivesim.pipeline.stages "
                           f"(available: {ready})")
-    raise ConfigError(f"stage: unknown stage {name!r} (stages: {', '.join(STAGE_NAMES)})")
+    raise ConfigError(f"stage: unknown stage {name!r} (stages: {', '.join(STAGE_NAMES + EXTRA_STAGES)})")
 
 
 def parse_opts(spec: StageSpec, pairs: list[str]) -> dict[str, str]:
@@ -102,6 +105,16 @@ def _positive_int(name: str, text: str) -> int:
     return value
 
 
+def _probability(name: str, text: str) -> float:
+    try:
+        p = float(text)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--opt: {name}: expected a probability in [0, 1], got {text!r}") from None
+    return p
+
+
 @register_stage("autoencoder", help="KL-f8 image autoencoder on frames of a clip-format dataset (L1 + KL + "
                 "patch GAN after autoencoder.disc_start).",
                 options={"hflip": "probability of mirroring a sample (default 0.5)"})
@@ -110,14 +123,30 @@ def build_autoencoder(preset, data_path, hflip: str = "0.5"):
     from drivesim.autoencoder import AutoencoderKL
     from drivesim.datasets.torch_data import FrameDataset
 
-    try:
-        p = float(hflip)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"--opt: hflip: expected a probability in [0, 1], got {hflip!r}") from None
+    p = _probability("hflip", hflip)
     dataset = FrameDataset(data_path, "train", size=tuple(preset.resolution), hflip_p=p)
     return AutoencoderKL(preset.autoencoder), dataset, None
+
+
+@register_stage("autoencoder_3d", help="LVDM 3D video autoencoder (t/4, h/8, w/8; repeat padding) on clips of a "
+                "clip-format dataset (L1 + KL + 3D video discriminator after autoencoder_3d.disc_start).",
+                options={"frames": "frames per training clip, a multiple of 4 (default 4 x "
+                                   "autoencoder_3d.decode_chunk_frames)",
+                         "hflip": "probability of mirroring a sample (default 0.5)"})
+def build_autoencoder_3d(preset, data_path, frames: str | None = None, hflip: str = "0.5"):
+    """`VideoAutoencoder3D(preset.autoencoder_3d)` + `ClipDataset` clips of `frames` consecutive frames resized to
+    `preset.resolution` (default: one decode chunk, 16 frames with the presets' 4 latent frames)."""
+    from drivesim.autoencoder import VideoAutoencoder3D
+    from drivesim.datasets.torch_data import ClipDataset
+
+    model = VideoAutoencoder3D(preset.autoencoder_3d)
+    f = model.frames_per_latent
+    num_frames = _positive_int("frames", frames) if frames else model.config.decode_chunk_frames * f
+    if num_frames % f:
+        raise ConfigError(f"--opt: frames: {num_frames} is not a multiple of {f} (one latent frame per {f} frames)")
+    dataset = ClipDataset(data_path, "train", num_frames=num_frames, size=tuple(preset.resolution),
+                          hflip_p=_probability("hflip", hflip))
+    return model, dataset, None
 
 
 _VIDEO_DECODER_FIELDS = ("temporal_merge", "temporal_alpha_init", "video_train_spatial", "video_latents",
@@ -171,16 +200,31 @@ def build_image_ldm(preset, data_path, frames: str = "1"):
 
     num_frames = _positive_int("frames", frames)
     dataset = LatentClipDataset(data_path, split="train", num_frames=num_frames, frame_stride=1)
-    cfg = dataclasses.replace(preset.image_ldm, encoder_id=_cache_encoder_id(data_path))
+    cfg = dataclasses.replace(preset.image_ldm, encoder_id=_cache_encoder_id(data_path, preset, "image_ldm"))
     return ImageLDM(cfg), dataset, _tensor_collate
 
 
-def _cache_encoder_id(data_path) -> str:
-    """The encoder identity a latent cache was written with (recorded into the models trained on it)."""
+def _cache_encoder_id(data_path, preset=None, stage: str = "") -> str:
+    """The encoder identity a latent cache was written with (recorded into the models trained on it).
+
+    With `preset`: also checks that the cache holds latents of the preset's `latent_space`.
+
+    Raises:
+        ConfigError: the cache's frames per latent frame differ from the preset's latent space, or the latent space
+            is "3d" (the latent models on 3D latents are not implemented yet).
+    """
     from drivesim.datasets.latent_cache import LatentCache
 
     cache = LatentCache(data_path)
     try:
+        if preset is not None:
+            if cache.frames_per_latent != preset.frames_per_latent:
+                raise ConfigError(f"{data_path}: frames_per_latent: the cache's latent frames stand for "
+                                  f"{cache.frames_per_latent} video frame(s) each, the preset's latent_space "
+                                  f"{preset.latent_space!r} has {preset.frames_per_latent}")
+            if preset.latent_space != "kl-f8":
+                raise ConfigError(f"latent_space: {preset.latent_space!r}: the {stage} stage trains on kl-f8 latents; "
+                                  "latent models on 3D-autoencoder latents are not implemented yet")
         return cache.encoder_id
     finally:
         cache.close()
@@ -235,7 +279,7 @@ def build_prediction(preset, data_path, image_ldm: str | None = None):
     from drivesim.models.video_ldm import PredictionLDM
 
     cfg = dataclasses.replace(preset.prediction, data_fps=_cache_fps(data_path),
-                              encoder_id=_cache_encoder_id(data_path))
+                              encoder_id=_cache_encoder_id(data_path, preset, "prediction"))
     model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
     dataset = LatentClipDataset(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate
@@ -250,7 +294,7 @@ def build_interpolation(preset, data_path, image_ldm: str | None = None):
     from drivesim.models.video_ldm import InterpolationLDM
 
     cfg = dataclasses.replace(preset.interpolation, data_fps=_cache_fps(data_path),
-                              encoder_id=_cache_encoder_id(data_path))
+                              encoder_id=_cache_encoder_id(data_path, preset, "interpolation"))
     model = _video_ldm_from_image(InterpolationLDM, cfg, image_ldm, "interpolation")
     dataset = InterpolationWindows(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate
