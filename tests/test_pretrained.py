@@ -85,7 +85,8 @@ def test_demo_installs_shipped_checkpoints_and_from_scratch_trains(tmp_path, mon
     save_model(ae, root / "ae")
     ldm_cfg = dataclasses.replace(tiny.image_ldm, encoder_id=encoder_id(*ae.encoder_fingerprint()))
     save_model(ImageLDM(ldm_cfg), root / "ldm")
-    (root / "ae" / CARD_NAME).write_text(json.dumps({"command": "drivesim train autoencoder ...", "steps": 7}))
+    (root / "ae" / CARD_NAME).write_text(json.dumps({"command": "drivesim train autoencoder ...", "steps": 3,
+                                                       "total_steps": 7}))  # fine-tuned: 3 of its 7 steps last
     card = {"command": "drivesim train image_ldm ...", "steps": 9}
     (root / "ldm" / CARD_NAME).write_text(json.dumps(card))
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", root)

@@ -102,11 +102,12 @@ class DemoStages:
         if as_dict(load_model(export).config) != as_dict(preset_block):
             raise ConfigError(f"{shipped}: config: the shipped {name} does not match preset {self.s.preset_name}'s "
                               f"{name} block; use {flag}")
-        self.console.print(f"{name}: the pretrained {shipped.name} ({card.get('steps')} steps; "
+        steps = card.get("total_steps", card.get("steps"))  # a fine-tuned checkpoint: all its steps
+        self.console.print(f"{name}: the pretrained {shipped.name} ({steps} steps; "
                            f"{card.get('summary', '')}) -> {export}  ({flag} trains one instead)", highlight=False)
         return {"export": str(export), "weights": "pretrained", "pretrained": shown_path(shipped),
-                "sha256": weights_sha256(shipped), "steps": card.get("steps"), "stop_reason": "shipped",
-                "batch_size": card.get("batch_size"), "max_steps": card.get("steps"), "budget_minutes": None,
+                "sha256": weights_sha256(shipped), "steps": steps, "stop_reason": "shipped",
+                "batch_size": card.get("batch_size"), "max_steps": steps, "budget_minutes": None,
                 "final_loss": card.get("final_loss"), "steps_per_s": None}
 
     def _run_encode(self, resume: bool) -> dict:
