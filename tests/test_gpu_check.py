@@ -48,7 +48,9 @@ def _check_training_part(rec: dict) -> None:
     assert rec["flops_device_step"] == rec["flops_per_step"]
     assert rec["timed_steps"] >= 1 and len(rec["step_times_s"]) == rec["timed_steps"]
     assert 0 < rec["median_s"] < 60
-    assert 0 < rec["mfu"] < 1, rec["mfu"]
+    # > 0 and finite only: on a CPU the "peak" is one measured bf16 GEMM, and where that GEMM has no fast kernel
+    # (AVX2 without AVX512-BF16) convolution-heavy steps run faster than it: MFU 1.4 was seen for the video decoder
+    assert 0 < rec["mfu"] < float("inf"), rec["mfu"]
     assert rec["memory"]["peak_bytes"] > 2**20
     assert rec["loss_finite"]
     assert rec["trainable_params"] > 0
