@@ -11,8 +11,10 @@ reconstructions vs real val frames) and write `model_card.json` with the command
 A decoder-only fine-tune (`autoencoder.decoder_only`, started `--init-from` a shipped autoencoder) keeps that
 checkpoint's encoder and scale factor, so its encoder fingerprint, and the latent caches and latent models made
 with it, stay valid: the script checks the encoder is bit for bit the base's, copies the base's scale factor and
-puts the base's card (its commands and steps) into the new card. Read the base card BEFORE `--out` overwrites it:
-pass `--base-card` when `--out` is the base's own folder.
+puts the base's card (its commands and steps) into the new card. A full fine-tune from a shipped checkpoint gets a
+new scale factor (new encoder, new latents) and likewise carries the base's card, nested, so the card holds the
+whole recipe. Read the base card BEFORE `--out` overwrites it: pass `--base-card` when `--out` is the base's own
+folder.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def main() -> None:
 
     train_cfg = load_yaml(Preset, args.run / "config-autoencoder.yaml").train["autoencoder"]
     base_card = None
+    if train_cfg.init_from:  # a fine-tune of a shipped checkpoint: its card's recipe goes into the new card
+        card_path = args.base_card or Path(train_cfg.init_from) / "model_card.json"
+        if not card_path.is_file():
+            sys.exit(f"{card_path}: no model card of the run's train.init_from checkpoint (pass --base-card)")
+        base_card = json.loads(card_path.read_text())
     if model.config.decoder_only:
         if not train_cfg.init_from:
             sys.exit(f"{args.run}: decoder_only run without train.init_from: no base encoder to keep")
@@ -59,7 +66,6 @@ def main() -> None:
         if not all(torch.equal(a, b.to(a.dtype)) for a, b in zip(base.encoder.state_dict().values(),
                                                                   model.encoder.state_dict().values(), strict=True)):
             sys.exit(f"{args.run}: the encoder differs from {train_cfg.init_from}'s: not a decoder-only fine-tune")
-        base_card = json.loads((args.base_card or Path(train_cfg.init_from) / "model_card.json").read_text())
         scale = base.config.scale_factor
         scale_from = "kept from the base checkpoint (decoder-only fine-tune: same encoder, same latents)"
     else:
@@ -102,10 +108,12 @@ def main() -> None:
         "ceiling_ge12_AP50_ratio": result["autoencoder"]["ceiling_ge12_AP50_ratio"],
     }
     if base_card is not None:
-        # the whole recipe, in order: the base's training and shipping, then this decoder-only fine-tune from it
-        card["decoder_only"] = True
+        # the whole recipe, in order: the base's training and shipping (and its own base, nested), then this
+        # fine-tune from it
+        card["decoder_only"] = bool(model.config.decoder_only)
         card["base"] = {k: base_card[k] for k in ("command", "ship_command", "steps", "lr", "lr_schedule",
-                                                  "box_weight", "summary") if k in base_card}
+                                                  "box_weight", "decoder_only", "summary", "base", "total_steps")
+                        if k in base_card}
         card["base"]["init_from_of_this_run"] = str(train_cfg.init_from)
         card["total_steps"] = (base_card.get("total_steps") or base_card.get("steps") or 0) + (card["steps"] or 0)
     psnr, rec50, real50 = card["psnr_db"], card["ap50_reconstructions"], card["ap50_real_frames"]
