@@ -32,8 +32,14 @@ What it measures (the JSON is rewritten after every part, so a run cut short kee
   of `upsampler.chunk_frames`; fp32 (what a rollout runs) and under bf16 autocast. A one-step, one-chunk call first
   warms up and counts the FLOPs of one network evaluation.
 
+- `model_samples`: `--model-sample-steps` (default 2) sampler steps of each latent model at batch 1, freshly
+  initialised, in fp32 on the stage's training batch (`build_stage`): the image LDM samples its frames, the
+  prediction model continues the clip from its first frame (`predict`), the interpolation model fills the frames
+  between the clip's key frames (`interpolate`, stage 1); time, peak memory, output finite. It checks that every
+  model of the preset can sample at its size (the paper preset on a CPU: issue 20, item 2), not how well.
+
 Run order (what the budget drops first is last): peak, stages, the GAN rows, svd_unet, fp32 sample, video_unet,
-bf16 sample, peak_end.
+bf16 sample, model samples, peak_end.
 
 Peak memory: CUDA: `torch.cuda.max_memory_allocated` over the timed steps (after warm-up, so the AdamW state exists
 and the counted warm-up step, whose counter keeps activations longer, is excluded), `resident` = allocated just
@@ -70,7 +76,9 @@ import unet_vs_svd  # noqa: E402
 START = time.monotonic()
 DEFAULT_BATCH_CAP = 8
 MATMUL_DEFAULTS = {"cuda": (8192, 50, 5), "cpu": (1024, 4, 3)}  # size, calls per timing, repeats
-PART_ORDER_NOTE = "peak, stages, GAN-phase rows, svd_unet, fp32 sample, video_unet, bf16 sample, peak_end"
+GROUPS = ("stages", "unets", "sample", "model_samples")  # result groups of parts (the rest: top-level keys)
+PART_ORDER_NOTE = ("peak, stages, GAN-phase rows, svd_unet, fp32 sample, video_unet, bf16 sample, model samples, "
+                   "peak_end")
 
 
 # ---- device helpers ------------------------------------------------------------------------------------------
@@ -372,6 +380,45 @@ def sample_part(preset, precision: str, frames: int, steps: int, ctx: Context,
     return out
 
 
+SAMPLED_STAGES = ("image_ldm", "prediction", "interpolation")
+
+
+def model_sample_part(preset, stage: str, steps: int, ctx: Context) -> dict:
+    """`steps` sampler steps of a freshly initialised latent model at batch 1 (see the module docstring)."""
+    from drivesim.models.image_ldm import ImageLDM
+    from drivesim.pipeline.plan import build_stage
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model, batch = build_stage(preset, stage, 1)
+    model.to(ctx.device).eval()
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    memory = Memory(ctx.device)
+    resident = memory.reset()
+    if stage == "image_ldm":
+        x0, cond = ImageLDM.images_from_batch(batch)
+        call = lambda: model.sample(cond, tuple(x0.shape[-2:]), steps=steps, generator=gen)  # noqa: E731
+        what = "frames of the batch as independent images"
+    else:
+        x0, cond = model.clip_from_batch(batch)
+        if stage == "prediction":
+            call = lambda: model.predict(cond, x0[:, :1], steps=steps, generator=gen)  # noqa: E731
+            what = "the clip continued from its first latent frame"
+        else:
+            keys = x0[:, model.key_frame_mask(x0.shape[1])]
+            call = lambda: model.interpolate(cond, keys, 1, steps=steps, generator=gen)  # noqa: E731
+            what = "frames between the clip's key frames filled (stage 1)"
+    seconds, out = _timed(call, ctx.device)
+    mem = memory.peak()
+    return {"stage": stage, "model_class": type(model).model_class_name, "what": what, "steps": steps,
+            "sampler": model.config.diffusion.sampler, "precision": "fp32", "batch_size": 1,
+            "output_shape": list(out.shape), "params": sum(p.numel() for p in model.parameters()),
+            "build_s": build_s, "seconds": seconds, "output_finite": bool(torch.isfinite(out).all()),
+            "memory": {"method": memory.method, "resident_bytes": resident, **mem,
+                       "step_peak_bytes": mem["peak_bytes"] - resident}}
+
+
 def peak_part(ctx: Context, n: int, calls: int, repeats: int) -> dict:
     """Dense bf16 matmul throughput of the device (part 1)."""
     mm, flops = mfu.matmul_fn(n, torch.bfloat16, ctx.device)
@@ -419,7 +466,9 @@ def plan_parts(preset, args, ctx: Context) -> list[tuple[str, str, str, Callable
             ("unets", "svd_unet", "train", lambda: unet_part("svd", preset, pb, ctx)),
             ("sample", "fp32", "sample", lambda: sample_part(preset, "fp32", sf, ss, ctx, low)),
             ("unets", "video_unet", "train", lambda: unet_part("ours", preset, pb, ctx)),
-            ("sample", "bf16", "sample", lambda: sample_part(preset, "bf16", sf, ss, ctx, low))]
+            ("sample", "bf16", "sample", lambda: sample_part(preset, "bf16", sf, ss, ctx, low)),
+            *[("model_samples", f"sample_{stage}", "model_sample",
+               lambda s=stage: model_sample_part(preset, s, args.model_sample_steps, ctx)) for stage in SAMPLED_STAGES]]
 
 
 def _finish(result: dict) -> None:
@@ -476,6 +525,14 @@ def print_table(result: dict) -> None:
                      _si(r.get("achieved_flops_per_s"), "FLOP/s"),
                      "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", _gib(r["memory"]["peak_bytes"]),
                      "ok" if r["output_finite"] else "ok, output not finite"])
+    for key, r in result["model_samples"].items():
+        if r.get("status") != "ok":
+            rows.append([key, "", "", "", "", "", "", "", f"{r['status']}: {r.get('reason', '')}"[:70]])
+            continue
+        shape = "x".join(map(str, r["output_shape"][1:2] + r["output_shape"][3:]))
+        rows.append([key, f"1 ({shape}), {r['steps']} steps", f"{r['params'] / 1e6:.1f}M", "",
+                     f"{r['seconds'] * 1e3:.0f} (total)", "", "", _gib(r["memory"]["peak_bytes"]),
+                     "ok" if r["output_finite"] else "ok, output not finite"])
     d = result["device"]
     peak = result["peak_flops_per_s"]
     _common.table(f"GPU check, {result['preset']}, {d['name']} ({d['type']}), bf16 peak measured "
@@ -505,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per part (at most)")
     ap.add_argument("--sample-frames", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=4)
+    ap.add_argument("--model-sample-steps", type=int, default=2,
+                    help="sampler steps of each latent model's batch-1 sample (model_samples)")
     ap.add_argument("--sample-lowres", type=_hw, default=None,
                     help="HxW of the low-resolution video (default: the preset's key-frame resolution)")
     ap.add_argument("--matmul-size", type=int, default=None, help="default 8192 on CUDA, 1024 on a CPU")
@@ -539,8 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_steps": args.warmup_steps, "steps_requested": args.steps, "part_order": PART_ORDER_NOTE,
         "mfu_method": "FLOPs per step (FlopCounterMode: matmul, convolution, attention) / median step time / the "
                       "best bf16 matmul throughput measured in this run (peak, peak_end)",
-        "peak": {}, "stages": {}, "unets": {}, "sample": {}, "peak_end": {}, "peak_flops_per_s": None,
-        "elapsed_s": 0.0}
+        "peak": {}, "stages": {}, "unets": {}, "sample": {}, "model_samples": {}, "peak_end": {},
+        "peak_flops_per_s": None, "elapsed_s": 0.0}
 
     def write():
         _finish(result)
@@ -548,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_json_atomic(args.out, result)
 
     def run(group: str, key: str, kind: str, fn: Callable[[], dict], parts_left: int) -> None:
-        target = result[group] if group in ("stages", "unets", "sample") else result
+        target = result[group] if group in GROUPS else result
         reason = None
         if args.only and key not in args.only.split(",") and kind != "peak":
             reason = "not selected (--only)"
@@ -569,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
             rec["seconds_total"] = time.monotonic() - t0
             budget.done(kind, rec["seconds_total"])
             Memory(device).cleanup()
-        if group in ("stages", "unets", "sample"):
+        if group in GROUPS:
             target[key] = rec
         else:
             result[key] = rec

@@ -81,13 +81,23 @@ def test_tiny_preset_runs_every_part_on_the_cpu(tmp_path):
         assert rec["network_evaluations"] == 2  # 8 frames in chunks of 4, 1 step
         assert rec["seconds"] > 0 and rec["flops_total"] > 0 and rec["memory"]["peak_bytes"] > 2**20
     assert 0 < result["sample"]["bf16"]["mfu"] < float("inf") and "mfu" not in result["sample"]["fp32"]
+    samples = result["model_samples"]
+    assert set(samples) == {"sample_image_ldm", "sample_prediction", "sample_interpolation"}
+    for key, rec in samples.items():
+        assert rec["status"] == "ok", (key, rec.get("reason"))
+        assert rec["steps"] == 2 and rec["output_finite"] and rec["seconds"] > 0, key
+    # the stage batches of tiny: 4 latent frames of 4x8 (image LDM: one image per sample); interpolation 4k + 1
+    assert samples["sample_image_ldm"]["output_shape"][2:] == [4, 4, 8]
+    assert samples["sample_prediction"]["output_shape"] == [1, 4, 4, 4, 8]
+    assert samples["sample_interpolation"]["output_shape"][1] % 4 == 1
     assert result["elapsed_s"] < result["budget_s"]
 
 
 def test_a_spent_budget_skips_every_part_with_the_reason(tmp_path):
     result = _run(tmp_path, "--budget-minutes", "0")
-    parts = {**result["stages"], **result["unets"], **{f"sample_{k}": v for k, v in result["sample"].items()}}
-    assert len(parts) == len(STAGE_NAMES) + 2 + 2 + 2
+    parts = {**result["stages"], **result["unets"], **{f"sample_{k}": v for k, v in result["sample"].items()},
+             **result["model_samples"]}
+    assert len(parts) == len(STAGE_NAMES) + 2 + 2 + 2 + 3
     for key, rec in parts.items():
         assert rec["status"] == "skipped", key
         assert "time budget" in rec["reason"] or "GroupNorm" in rec["reason"], rec["reason"]
