@@ -23,7 +23,9 @@ Examples:
   drivesim rollout ... --upsample          x4 pixel upsampler (needs D/upsampler)
 
 Checkpoint dir D: D/autoencoder D/image_ldm D/prediction D/interpolation
-[D/upsampler], each an exported model folder (drivesim.load).
+[D/upsampler], each an exported model folder (drivesim.load). On LVDM's 3D
+latents (D/autoencoder a video_autoencoder_3d): D/autoencoder D/prediction
+[D/upsampler] only (one latent frame = 4 frames, no interpolation).
 
 Many scenarios over processes (each scenario done exactly once, rank r takes
 scenarios r, r + W, ... of the sorted *.json; seeds are seed + index):
@@ -38,7 +40,8 @@ def rollout_cmd(
     scenarios: Path = typer.Option(None, "--scenarios", help="Folder of scenario JSONs: one rollout each, "
                                                              "sharded over processes (accelerate launch)."),
     ckpt_dir: Path = typer.Option(..., "--ckpt-dir", help="D/{autoencoder,image_ldm,prediction,interpolation"
-                                                          "[,upsampler]} exported model folders."),
+                                                          "[,upsampler]} exported model folders (3D autoencoder: "
+                                                          "D/{autoencoder,prediction[,upsampler]})."),
     minutes: float = typer.Option(None, "--minutes", help="Length of the video in minutes."),
     frames: int = typer.Option(None, "--frames", help="Length in output frames (instead of --minutes)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (with --scenarios: one sub-folder each)."),

@@ -38,7 +38,7 @@ import platform
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -52,6 +52,9 @@ from torch.utils.data import Dataset
 
 from drivesim.autoencoder.model import encoder_id as _encoder_id
 from drivesim.errors import DataError, WriteError
+
+if TYPE_CHECKING:
+    from drivesim.datasets.scenario import Scenario
 
 encoder_id = _encoder_id  # the cache's identity check (defined in the core, which latent models use too)
 
@@ -326,10 +329,13 @@ def write_cache(dataset_root: str | Path, encode_fn: Callable[[torch.Tensor], to
     return Path(out)
 
 
-def pack_latent_boxes(annotation: ClipAnnotation, frames_per_latent: int, max_boxes: int,
+def pack_latent_boxes(annotation: ClipAnnotation | Scenario, frames_per_latent: int, max_boxes: int,
                       reduction: str = "union") -> PackedBoxes:
     """One box list per latent frame of a clip: its first floor(T / f) * f frames' boxes reduced per group of f
     (`drivesim.bbox_conditioning.latent_frames.group_boxes`), then packed as `pack_annotation` packs frames.
+
+    The one reduction of both the cache and the rollout on 3D latents (`drivesim.pipeline.rollout`), which passes a
+    `Scenario` (the same frames / width / height fields and track-id scheme as a `ClipAnnotation`).
 
     Returns:
         PackedBoxes with T // f frames (boxes (T // f, n, 4) normalised xyxy, classes, box_mask, track_ids as

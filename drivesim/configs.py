@@ -6,7 +6,7 @@ Presets (see `../shared/SPEC.md`):
 - `paper-512x1024`: the paper's driving stack (128x256 key frames, x4 upsampler to 512x1024).
 
 Every preset has an `autoencoder_3d` block (LVDM's 3D autoencoder) and a `latent_space` field choosing which
-autoencoder's latents the stack works on ("kl-f8" in all three).
+autoencoder's latents the stack works on ("kl-f8" in all three; `--set latent_space=3d` for LVDM's base model).
 
 YAML exists only as a dump/load of these dataclasses (`to_dict` / `from_dict`): unknown keys are rejected by
 name, so a typo fails at load time, not deep inside training.
@@ -249,6 +249,10 @@ class VideoLDMConfig:
     data_fps: float | None = None
     # identity of the autoencoder whose latents trained the model (as ImageLDMConfig.encoder_id)
     encoder_id: str | None = None
+    # on 3D-autoencoder latents: how the training cache reduced each latent frame's video frames' boxes to one list
+    # ("union" | "middle", `drivesim.bbox_conditioning.latent_frames`; recorded from the cache by the training stage),
+    # so a rollout conditions the model on boxes made the same way. None: per-frame latents, or not recorded
+    box_reduction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -319,7 +323,9 @@ class Preset:
     train: dict[str, TrainConfig]  # stage name -> training config
     # the stack's latent space: "kl-f8" (the image autoencoder, one latent per frame; Video LDM) or "3d" (LVDM's 3D
     # autoencoder `autoencoder_3d`, one latent frame per frames_per_latent video frames). The latent stages check
-    # that a cache holds latents of this space (the models on 3D latents are not implemented yet: issue 21)
+    # that a cache holds latents of this space. On "3d" only the prediction stage exists (LVDM's base model: the whole
+    # U-Net trained from scratch, no image LDM, prediction.frame_stride 1) and the rollout is 3D autoencoder +
+    # prediction model; the image_ldm and interpolation stages are kl-f8 only
     latent_space: str = "kl-f8"
     autoencoder_3d: Autoencoder3DConfig = field(default_factory=Autoencoder3DConfig)
 

@@ -402,6 +402,6 @@ def test_latent_stages_refuse_a_cache_of_another_latent_space(cached):
     root, union, _ = cached
     with pytest.raises(ConfigError, match=r"frames_per_latent.*4 video frame.*'kl-f8'"):
         get_stage("image_ldm").build(get_preset("tiny"), union["path"])
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        get_stage("prediction").build(override(get_preset("tiny"), "latent_space", "3d"), union["path"],
-                                      image_ldm="unused")
+    # on 3D latents only the prediction stage exists (tests/test_latent_3d_rollout.py)
+    with pytest.raises(ConfigError, match="latent_space: '3d': the image_ldm stage trains on kl-f8 latents only"):
+        get_stage("image_ldm").build(override(get_preset("tiny"), "latent_space", "3d"), union["path"])

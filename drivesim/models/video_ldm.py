@@ -41,6 +41,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from drivesim.bbox_conditioning.latent_frames import BOX_REDUCTIONS
 from drivesim.configs import VideoLDMConfig
 from drivesim.diffusion import Denoiser, Guidance, GuidanceTerm, drop_conditions
 from drivesim.diffusion import sample as run_sampler
@@ -283,6 +284,8 @@ def check_video_config(config: VideoLDMConfig, source: str = "config") -> None:
                           f"{config.context_frames}")
     if not 0.0 <= config.interpolation_uncond_p <= 1.0:
         raise ConfigError(f"{source}: interpolation_uncond_p: must be in [0, 1], got {config.interpolation_uncond_p}")
+    if config.box_reduction is not None and config.box_reduction not in BOX_REDUCTIONS:
+        raise ConfigError(f"{source}: box_reduction: {config.box_reduction!r} not in {BOX_REDUCTIONS} (or None)")
     if config.task == "interpolation" and (config.num_frames - 1) % INTERPOLATION_FACTOR:
         raise ConfigError(f"{source}: num_frames: interpolation windows have 4k + 1 frames (key frames every "
                           f"{INTERPOLATION_FACTOR}), got {config.num_frames}")

@@ -72,12 +72,39 @@ def prepare_scenario(path: Path, fps: float, total_frames: int):
     return s
 
 
-def make_cond_fn(scenario, max_boxes: int):
-    """Output-frame indices -> Conditioning (b = 1) from the scenario's boxes, packed once."""
+def pack_conditioning(scenario, max_boxes: int, frames_per_latent: int = 1, box_reduction: str = "union"):
+    """The scenario's boxes packed once per latent frame of the stack.
+
+    Per-frame latents (`frames_per_latent` 1): every frame's boxes (`drivesim.datasets.scenario.pack`). On 3D latents
+    (f > 1; LVDM, He et al. 2022 Sec. 3): latent frame j gets the boxes of video frames f j .. f j + f - 1 reduced
+    with `box_reduction` by the very function the latent cache reduces them with
+    (`drivesim.datasets.latent_cache.pack_latent_boxes`), so the model is conditioned as it was trained.
+
+    Args:
+        scenario: a `Scenario` of T frames (T a multiple of f; a rest is dropped, as the cache drops it).
+        max_boxes: box slots per (latent) frame; frames_per_latent: f; box_reduction: "union" or "middle".
+
+    Returns:
+        PackedBoxes with T // f frames: boxes (T // f, max_boxes, 4) float32 normalised xyxy (image frame),
+        classes / box_mask / track_ids (T // f, max_boxes) (track ids of `track_id_map(scenario)`).
+
+    Raises:
+        ValueError: an unknown box_reduction, max_boxes < 1.
+    """
+    from drivesim.datasets.latent_cache import pack_latent_boxes
     from drivesim.datasets.scenario import pack
+
+    if frames_per_latent == 1:
+        return pack(scenario, 0, scenario.num_frames, max_boxes)
+    return pack_latent_boxes(scenario, frames_per_latent, max_boxes, box_reduction)
+
+
+def make_cond_fn(scenario, max_boxes: int, frames_per_latent: int = 1, box_reduction: str = "union"):
+    """Latent-frame indices (output frames for per-frame latents) -> Conditioning (b = 1) from the scenario's boxes,
+    packed once (`pack_conditioning`)."""
     from drivesim.types import Conditioning
 
-    packed = pack(scenario, 0, scenario.num_frames, max_boxes).as_batch()
+    packed = pack_conditioning(scenario, max_boxes, frames_per_latent, box_reduction).as_batch()
     labels = {"night": [scenario.night], "crowdedness": [scenario.crowdedness]}
 
     def cond_fn(indices: list[int]) -> Conditioning:
@@ -87,14 +114,18 @@ def make_cond_fn(scenario, max_boxes: int):
     return cond_fn
 
 
-def conditioned_track_ids(scenario, num_frames: int, max_boxes: int) -> list[set[str]]:
-    """The track ids of the boxes that condition each of frames [0, num_frames): the slots of the same `pack` that
-    `make_cond_fn` builds the conditioning from (a frame with more than `max_boxes` boxes keeps the largest)."""
-    from drivesim.datasets.scenario import pack, track_id_map
+def conditioned_track_ids(scenario, num_frames: int, max_boxes: int, frames_per_latent: int = 1,
+                          box_reduction: str = "union") -> list[set[str]]:
+    """The track ids of the boxes that condition each of video frames [0, num_frames): the slots of the same
+    `pack_conditioning` that `make_cond_fn` builds the conditioning from (a frame with more than `max_boxes` boxes
+    keeps the largest); on 3D latents frame k is conditioned by latent frame k // f's boxes. `scenario` must cover
+    ceil(num_frames / f) * f frames."""
+    from drivesim.datasets.scenario import track_id_map, window
 
+    f = frames_per_latent
     names = {v: k for k, v in track_id_map(scenario).items()}
-    packed = pack(scenario, 0, num_frames, max_boxes)
-    return [{names[int(t)] for t in packed.track_ids[k][packed.box_mask[k]]} for k in range(num_frames)]
+    packed = pack_conditioning(window(scenario, 0, -(-num_frames // f) * f), max_boxes, f, box_reduction)
+    return [{names[int(t)] for t in packed.track_ids[k // f][packed.box_mask[k // f]]} for k in range(num_frames)]
 
 
 def unconditioned_record(frames, kept: list[set[str]], max_boxes: int) -> dict:
@@ -141,18 +172,20 @@ def rollout_scenario(scenario_path: Path, models, cfg, out: Path, seed: int, num
                         "resolution in the rollout config")
     plan = make_plan(models, cfg, num_frames, resolution)
     scenario = prepare_scenario(scenario_path, cfg.fps, plan.cond_frames)
-    max_boxes = models.image_ldm.config.unet.boxes.max_boxes
-    cond_fn = make_cond_fn(scenario, max_boxes)
+    max_boxes = models.prediction.config.unet.boxes.max_boxes
+    # on 3D latents: boxes per latent frame, reduced as the prediction model's training cache reduced them
+    f, reduction = plan.frames_per_latent, models.prediction.config.box_reduction or "union"
+    cond_fn = make_cond_fn(scenario, max_boxes, f, reduction)
     # the labels of the output frames: the scenario's boxes in the pixel frame of the rolled-out video, those that
     # did not condition their frame (beyond max_boxes) marked: a detector trained on the labels must not learn an
     # object the model was never asked for, and must not be told the region is background either
     labels = rescale(window(scenario, 0, num_frames), resolution[1], resolution[0])
-    kept = conditioned_track_ids(scenario, num_frames, max_boxes)
+    kept = conditioned_track_ids(scenario, num_frames, max_boxes, f, reduction)
     record = {"config": to_dict(cfg), "seed": seed, "num_frames": num_frames, "scenario": str(scenario_path),
               "checkpoints": str(ckpt_dir), "checkpoint_fingerprint": models.fingerprint,
               "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "decode_windows"}
               | {"decode_windows": len(plan.decode_windows), "num_units": plan.num_units},
-              "frame_rates": {"output_fps": cfg.fps, "key_fps": cfg.fps / plan.key_spacing,
+              "frame_rates": {"output_fps": cfg.fps, "key_fps": cfg.fps / plan.key_spacing / f,
                               "stages": list(plan.stages)},
               "unconditioned_boxes": unconditioned_record(labels.frames, kept, max_boxes)}
     crf = cfg.segment_crf

@@ -204,14 +204,20 @@ def build_image_ldm(preset, data_path, frames: str = "1"):
     return ImageLDM(cfg), dataset, _tensor_collate
 
 
+LATENT_3D_STAGES = ("prediction",)
+"""Latent stages implemented on `latent_space: 3d` (LVDM's base model, He et al. 2022 Sec. 3.2-3.3); the image LDM and
+interpolation stages train on kl-f8 latents only."""
+
+
 def _cache_encoder_id(data_path, preset=None, stage: str = "") -> str:
     """The encoder identity a latent cache was written with (recorded into the models trained on it).
 
-    With `preset`: also checks that the cache holds latents of the preset's `latent_space`.
+    With `preset`: also checks that the cache holds latents of the preset's `latent_space`, and that `stage` is
+    implemented on that latent space (`LATENT_3D_STAGES` for "3d").
 
     Raises:
         ConfigError: the cache's frames per latent frame differ from the preset's latent space, or the latent space
-            is "3d" (the latent models on 3D latents are not implemented yet).
+            is "3d" and `stage` is not one of `LATENT_3D_STAGES`.
     """
     from drivesim.datasets.latent_cache import LatentCache
 
@@ -222,10 +228,24 @@ def _cache_encoder_id(data_path, preset=None, stage: str = "") -> str:
                 raise ConfigError(f"{data_path}: frames_per_latent: the cache's latent frames stand for "
                                   f"{cache.frames_per_latent} video frame(s) each, the preset's latent_space "
                                   f"{preset.latent_space!r} has {preset.frames_per_latent}")
-            if preset.latent_space != "kl-f8":
-                raise ConfigError(f"latent_space: {preset.latent_space!r}: the {stage} stage trains on kl-f8 latents; "
-                                  "latent models on 3D-autoencoder latents are not implemented yet")
+            if preset.latent_space != "kl-f8" and stage not in LATENT_3D_STAGES:
+                raise ConfigError(f"latent_space: {preset.latent_space!r}: the {stage} stage trains on kl-f8 latents "
+                                  f"only; on 3D-autoencoder latents the implemented stages are "
+                                  f"{', '.join(LATENT_3D_STAGES)} (LVDM's base model; no interpolation: one latent "
+                                  f"frame already stands for {preset.frames_per_latent} video frames)")
         return cache.encoder_id
+    finally:
+        cache.close()
+
+
+def _cache_box_reduction(data_path) -> str:
+    """How the cache reduced each group of video frames' boxes to one latent frame's ("none" for per-frame latents;
+    `drivesim.bbox_conditioning.latent_frames`)."""
+    from drivesim.datasets.latent_cache import LatentCache
+
+    cache = LatentCache(data_path)
+    try:
+        return cache.box_reduction
     finally:
         cache.close()
 
@@ -233,7 +253,8 @@ def _cache_encoder_id(data_path, preset=None, stage: str = "") -> str:
 # ---- prediction / interpolation ---------------------------------------------------------------------
 
 _VIDEO_OPTIONS = {"image_ldm": "trained image LDM whose spatial U-Net is copied in and frozen: exported model "
-                               "folder or run folder (required)"}
+                               "folder or run folder (required on kl-f8 latents; optional on latent_space 3d, where "
+                               "without it the whole U-Net trains from scratch)"}
 
 
 def _cache_fps(data_path, split: str = "train") -> float:
@@ -271,16 +292,44 @@ def _video_ldm_from_image(cls, config, image_ldm: str | None, stage: str):
 
 @register_stage("prediction", help="Key-frame prediction video LDM (temporal layers on the frozen image LDM; "
                 "0-2 context frames, LVDM context perturbation) on windows of a latent cache at "
-                "prediction.frame_stride.", options=_VIDEO_OPTIONS)
+                "prediction.frame_stride. On latent_space 3d: LVDM's base model on 3D-autoencoder latents, the whole "
+                "U-Net trained from scratch unless --opt image_ldm is given.", options=_VIDEO_OPTIONS)
 def build_prediction(preset, data_path, image_ldm: str | None = None):
     """`PredictionLDM.from_image_ldm` + `LatentClipDataset` windows of `prediction.num_frames` frames every
-    `prediction.frame_stride` source frames."""
+    `prediction.frame_stride` source frames.
+
+    On `latent_space: "3d"` (LVDM's base model, He et al. 2022 Sec. 3.2-3.3): a latent frame of the 3D autoencoder
+    stands for 4 video frames and is no image, so there is no image LDM to freeze. Without `image_ldm` the model is a
+    fresh `PredictionLDM(preset.prediction)` whose spatial U-Net (`prediction.unet`, the same block as
+    `image_ldm.unet` in every preset) trains together with the temporal layers (`temporal.train_spatial` set True in
+    the model's config), as LVDM trains its 3D U-Net from scratch. Windows are of `prediction.num_frames` LATENT
+    frames, and the model records the cache's `box_reduction` (how each latent frame's boxes were made), which the
+    rollout reduces a scenario's per-video-frame boxes with. Boxes and day/night come from the cache as they are.
+
+    Raises:
+        ConfigError: a cache of another latent space than the preset's; on kl-f8 latents a missing `image_ldm`; on
+            3D latents `prediction.frame_stride` != 1 (the rollout on 3D latents has no interpolation stage to fill
+            the latent frames a stride would skip).
+    """
     from drivesim.datasets.latent_cache import LatentClipDataset
     from drivesim.models.video_ldm import PredictionLDM
 
     cfg = dataclasses.replace(preset.prediction, data_fps=_cache_fps(data_path),
                               encoder_id=_cache_encoder_id(data_path, preset, "prediction"))
-    model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
+    if preset.latent_space == "kl-f8":
+        model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
+    else:
+        if cfg.frame_stride != 1:
+            raise ConfigError(f"prediction.frame_stride: {cfg.frame_stride}: on latent_space {preset.latent_space!r} "
+                              "the prediction model predicts consecutive latent frames (each already stands for "
+                              f"{preset.frames_per_latent} video frames, and no interpolation stage fills a stride); "
+                              "set --set prediction.frame_stride=1")
+        cfg = dataclasses.replace(cfg, box_reduction=_cache_box_reduction(data_path))
+        if image_ldm:
+            model = _video_ldm_from_image(PredictionLDM, cfg, image_ldm, "prediction")
+        else:
+            cfg = dataclasses.replace(cfg, temporal=dataclasses.replace(cfg.temporal, train_spatial=True))
+            model = PredictionLDM(cfg)
     dataset = LatentClipDataset(data_path, split="train", num_frames=cfg.num_frames, frame_stride=cfg.frame_stride)
     return model, dataset, _tensor_collate
 

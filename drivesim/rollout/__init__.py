@@ -16,6 +16,15 @@ Pipeline (Video LDM sec. 3 / LVDM sec. 3.3; SPEC "Rollout"):
    one-shot chunked decode);
 5. optionally the x4 pixel upsampler, in chunks of `upsample_chunk_frames` decoded frames.
 
+On LVDM's 3D-autoencoder latents (He et al. 2022 Sec. 3; the stack's autoencoder a `video_autoencoder_3d`, one
+latent frame per 4 video frames) the stack is that autoencoder and the prediction model only: unit 0 is a clip the
+prediction model generates unconditionally (no image LDM), every later clip continues from the last
+`context_frames[1]` latent frames, there is no interpolation (key frames are the consecutive output-rate latent
+frames), and step 4 decodes latent windows to 4 video frames per latent frame with the same cross-fade as the 3D
+autoencoder's `decode_scaled`. The conditioning is then asked per latent frame: the boxes of its 4 video frames
+reduced as the training cache reduced them (`drivesim.pipeline.rollout.pack_conditioning`); the labels written stay
+per video frame.
+
 The boxes of every output frame come from the conditioning source (the scenario resampled to the output frame
 rate), so they are the labels of the generated video. This module takes the conditioning as a callable and
 never reads scenario files itself (`drivesim.pipeline.rollout` does, with `drivesim.datasets.scenario`).

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from drivesim.errors import ConfigError
 
-MODEL_DIRS = {"autoencoder": ("video_autoencoder", "autoencoder_kl"), "image_ldm": ("image_ldm",),
-              "prediction": ("prediction_ldm",), "interpolation": ("interpolation_ldm",),
+MODEL_DIRS = {"autoencoder": ("video_autoencoder", "autoencoder_kl", "video_autoencoder_3d"),
+              "image_ldm": ("image_ldm",), "prediction": ("prediction_ldm",), "interpolation": ("interpolation_ldm",),
               "upsampler": ("video_upsampler",)}
-"""Sub-folder of the checkpoint dir -> accepted model classes."""
+"""Sub-folder of the checkpoint dir -> accepted model classes (with a `video_autoencoder_3d` the stack has no image_ldm
+and no interpolation folder: `drivesim.rollout.stack.RolloutModels`)."""
 STATE_VERSION = 1
 FACTOR = 4  # each interpolation stage multiplies the frame rate by 4
 # The longest rollout. Frames stream to disk, but the labels (the scenario resampled and extended, then the output

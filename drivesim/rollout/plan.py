@@ -20,15 +20,23 @@ from drivesim.rollout.stack import RolloutModels
 class RolloutPlan:
     """Frame arithmetic of one rollout.
 
+    On 3D-autoencoder latents (`frames_per_latent` f > 1, LVDM's base model) "key frames" are the latent frames,
+    consecutive (R = 1 latent frame, no interpolation stages, windows of 2 keys that the runner passes through as
+    they are), unit 0 is the first prediction clip, unconditional (`context_first` 0: there is no image LDM), and the
+    decode windows and the conditioning indices count latent frames; latent frame j decodes to video frames
+    f j .. f j + f - 1, of which the first N are written.
+
     Attributes:
-        num_frames: output frames written (N).
-        key_spacing: R, output frames between consecutive key frames.
+        num_frames: output (video) frames written (N).
+        key_spacing: R, output-rate latent frames between consecutive key frames (= output frames for kl-f8).
         stages: interpolation stage labels applied in order (e.g. (0, 1) for R = 16, (1,) for R = 4).
         window_keys: key frames per interpolation window, m + 1 (window of 4m + 1 frames).
-        num_keys: key frames generated (K), with (K - 1) a multiple of m and (K - 1) R + 1 >= N.
+        num_keys: key frames generated (K), with (K - 1) a multiple of m and (K - 1) R + 1 >= N (3D: K = ceil(N / f)).
         clip_length: prediction clip length L; context_first / context_later: S of the first / later clips.
-        decode_windows: [(start, stop)] decoder chunks over the N output frames.
+        decode_windows: [(start, stop)] decoder chunks over the `num_latents` output-rate latent frames.
         latent_size: (h, w) of the latents; resolution: (h, w) of decoded frames.
+        frames_per_latent: f, video frames per latent frame (1: kl-f8; 4: LVDM's 3D autoencoder).
+        image_key: unit 0 is the image LDM's key frame 0 (False on 3D latents: unit 0 is the first prediction clip).
     """
 
     num_frames: int
@@ -42,21 +50,34 @@ class RolloutPlan:
     decode_windows: tuple[tuple[int, int], ...]
     latent_size: tuple[int, int]
     resolution: tuple[int, int]
+    frames_per_latent: int = 1
+    image_key: bool = True
+
+    @property
+    def first_clip_unit(self) -> int:
+        """The unit of the first prediction clip (the one with `context_first` context frames)."""
+        return 1 if self.image_key else 0
+
+    @property
+    def num_latents(self) -> int:
+        """Output-rate latent frames decoded: ceil(N / f) (N for kl-f8)."""
+        return -(-self.num_frames // self.frames_per_latent)
 
     @property
     def num_units(self) -> int:
-        """Unit 0 (image LDM) + one unit per prediction clip."""
-        done, units = 1, 1
+        """Unit 0 (image LDM, unless on 3D latents) + one unit per prediction clip."""
+        done = units = self.first_clip_unit
         while done < self.num_keys:
-            done += self.clip_length - (self.context_first if units == 1 else self.context_later)
+            done += self.clip_length - (self.context_first if units == self.first_clip_unit else self.context_later)
             units += 1
         return units
 
     @property
     def cond_frames(self) -> int:
-        """Output frames the conditioning must cover: the last prediction clip may run past the last key frame
-        (its extra key frames are dropped, but they are conditioned on the scenario's continuation)."""
-        return (self.num_keys - 1 + self.clip_length) * self.key_spacing + 1
+        """Output (video) frames the conditioning must cover: the last prediction clip may run past the last key
+        frame (its extra key frames are dropped, but they are conditioned on the scenario's continuation); on 3D
+        latents whole groups of f frames."""
+        return ((self.num_keys - 1 + self.clip_length) * self.key_spacing + 1) * self.frames_per_latent
 
     def key_positions(self, start: int, count: int) -> list[int]:
         """Output-frame indices of key frames start .. start + count - 1."""
@@ -68,7 +89,7 @@ def make_plan(models: RolloutModels, cfg: RolloutConfig, num_frames: int, resolu
 
     Raises:
         ConfigError: strides that do not compose into x4 stages, a clip/window length the models cannot take, or
-            more than MAX_FRAMES frames.
+            more than MAX_FRAMES frames; on 3D latents a prediction frame_stride other than 1.
     """
     from drivesim.autoencoder.networks import chunk_windows
 
@@ -76,21 +97,30 @@ def make_plan(models: RolloutModels, cfg: RolloutConfig, num_frames: int, resolu
         raise ConfigError(f"rollout: num_frames: must be >= 1, got {num_frames}")
     if num_frames > MAX_FRAMES:  # e.g. MAX_MINUTES at an fps above 60
         raise ConfigError(f"rollout: num_frames: {num_frames} exceeds the limit of {MAX_FRAMES} (frames per rollout)")
-    pcfg, icfg = models.prediction.config, models.interpolation.config
-    if pcfg.frame_stride % icfg.frame_stride:
-        raise ConfigError(f"prediction.frame_stride {pcfg.frame_stride} is not a multiple of interpolation."
-                          f"frame_stride {icfg.frame_stride}")
-    spacing = pcfg.frame_stride // icfg.frame_stride
-    num_stages = round(math.log(spacing, FACTOR)) if spacing > 1 else 0
-    if FACTOR ** num_stages != spacing or num_stages > 2:
-        raise ConfigError(f"prediction.frame_stride / interpolation.frame_stride = {spacing}: must be 1, 4 or 16 "
-                          f"(0, 1 or 2 x4 interpolation stages)")
-    stages = (0, 1)[2 - num_stages:]
-    m = (icfg.num_frames - 1) // FACTOR
-    keys = 1 if num_frames == 1 else math.ceil((num_frames - 1) / spacing) + 1
-    keys = 1 + math.ceil((keys - 1) / m) * m if keys > 1 else 1
-    length = cfg.keyframe_clip_length or pcfg.num_frames
+    pcfg = models.prediction.config
+    f = int(getattr(models.autoencoder, "frames_per_latent", 1))
     first, later = cfg.context_frames
+    if f > 1:  # LVDM's base model: consecutive latent frames, the first clip unconditional, no interpolation
+        if pcfg.frame_stride != 1:
+            raise ConfigError(f"prediction.frame_stride: {pcfg.frame_stride}: on 3D latents the prediction model must "
+                              "predict consecutive latent frames (1); no interpolation stage fills a stride")
+        spacing, stages, m, first = 1, (), 1, 0
+        keys = math.ceil(num_frames / f)
+    else:
+        icfg = models.interpolation.config
+        if pcfg.frame_stride % icfg.frame_stride:
+            raise ConfigError(f"prediction.frame_stride {pcfg.frame_stride} is not a multiple of interpolation."
+                              f"frame_stride {icfg.frame_stride}")
+        spacing = pcfg.frame_stride // icfg.frame_stride
+        num_stages = round(math.log(spacing, FACTOR)) if spacing > 1 else 0
+        if FACTOR ** num_stages != spacing or num_stages > 2:
+            raise ConfigError(f"prediction.frame_stride / interpolation.frame_stride = {spacing}: must be 1, 4 or 16 "
+                              f"(0, 1 or 2 x4 interpolation stages)")
+        stages = (0, 1)[2 - num_stages:]
+        m = (icfg.num_frames - 1) // FACTOR
+        keys = 1 if num_frames == 1 else math.ceil((num_frames - 1) / spacing) + 1
+        keys = 1 + math.ceil((keys - 1) / m) * m if keys > 1 else 1
+    length = cfg.keyframe_clip_length or pcfg.num_frames
     if length <= max(first, later):
         raise ConfigError(f"rollout: keyframe_clip_length: {length} must exceed the context frames "
                           f"{cfg.context_frames}")
@@ -101,8 +131,8 @@ def make_plan(models: RolloutModels, cfg: RolloutConfig, num_frames: int, resolu
     h, w = resolution
     return RolloutPlan(num_frames=num_frames, key_spacing=spacing, stages=stages, window_keys=m + 1, num_keys=keys,
                        clip_length=length, context_first=first, context_later=later,
-                       decode_windows=tuple(chunk_windows(num_frames, chunk, overlap)), latent_size=(h // 8, w // 8),
-                       resolution=(h, w))
+                       decode_windows=tuple(chunk_windows(keys if f > 1 else num_frames, chunk, overlap)),
+                       latent_size=(h // 8, w // 8), resolution=(h, w), frames_per_latent=f, image_key=f == 1)
 
 
 def unit_generator(seed: int, unit: int) -> torch.Generator:
@@ -129,12 +159,15 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def crossfade_window(windows: tuple[tuple[int, int], ...], i: int) -> torch.Tensor:
+def crossfade_window(windows: tuple[tuple[int, int], ...], i: int, frames_per_latent: int = 1) -> torch.Tensor:
+    """(f (e - s),) float64 blend weights of the video frames decode window i = [s, e) (latent frames) decodes to,
+    as `AutoencoderKL.decode` blends its chunks (ramps over the video frames of the overlapping latent frames)."""
     from drivesim.autoencoder.networks import crossfade_weights
 
+    f = frames_per_latent
     s, e = windows[i]
-    return crossfade_weights(s, e, i == 0, i == len(windows) - 1, windows[i - 1][1] if i > 0 else s,
-                              windows[i + 1][0] if i + 1 < len(windows) else e)
+    return crossfade_weights(f * s, f * e, i == 0, i == len(windows) - 1, f * windows[i - 1][1] if i > 0 else f * s,
+                              f * windows[i + 1][0] if i + 1 < len(windows) else f * e)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -23,7 +23,9 @@ from drivesim.rollout.stack import RolloutModels
 from drivesim.types import Conditioning
 
 CondFn = Callable[[list[int]], Conditioning]
-"""Conditioning of output frames at the given indices: boxes (1, len, n, 4) etc., b = 1."""
+"""Conditioning of output-rate latent frames at the given indices: boxes (1, len, n, 4) etc., b = 1. For per-frame
+latents these are the output frames; on 3D latents latent frame j stands for video frames f j .. f j + f - 1 and its
+boxes are theirs reduced as the training cache reduced them (`drivesim.pipeline.rollout.make_cond_fn`)."""
 SegmentWriter = Callable[[Path, np.ndarray, float], None]
 """(path, frames (t, h, w, 3) uint8, fps) -> writes a closed, playable mp4 atomically."""
 
@@ -66,8 +68,8 @@ class Rollout:
     Args:
         models: `RolloutModels`.
         cfg: `RolloutConfig`.
-        cond_fn: output-frame indices -> `Conditioning` (b = 1) of those frames.
-        num_frames: output frames N.
+        cond_fn: output-rate latent-frame indices -> `Conditioning` (b = 1) of those latent frames (`CondFn`).
+        num_frames: output (video) frames N.
         out_dir: folder for latents/, segments/, state.json, state-<n>.safetensors.
         seed: rollout seed.
         segment_writer: writes one segment mp4 (e.g. `drivesim.datasets.clips.write_video`).
@@ -189,16 +191,17 @@ class Rollout:
 
     def _predict_keys(self, gen: torch.Generator) -> None:
         plan, m = self.plan, self.models
-        if self.unit == 0:
+        if self.unit == 0 and plan.image_key:
             cond = self.cond_fn([0])
             z = m.image_ldm.sample(cond, plan.latent_size, steps=self.cfg.steps, sampler=self.cfg.sampler,
                                    guidance_scale=self.cfg.label_guidance, generator=gen)
             self._add_keys(z[0].float())
             return
-        s = min(plan.context_first if self.unit == 1 else plan.context_later, self.keys_done)
+        # on 3D latents the first clip has no context (S = 0: the unconditional model, LVDM's first clip)
+        s = min(plan.context_first if self.unit == plan.first_clip_unit else plan.context_later, self.keys_done)
         start = self.keys_done - s
         cond = self.cond_fn(plan.key_positions(start, plan.clip_length))
-        context = torch.stack([self._key(k) for k in range(start, self.keys_done)])[None]
+        context = self.keys[start - self.keys_base:self.keys_done - self.keys_base][None]
         z = m.prediction.predict(cond, context, **self._sample_kwargs(gen))
         self._add_keys(z[0, s:].float())
 
@@ -233,33 +236,37 @@ class Rollout:
         self.keys_base = keep_from
 
     def _append_latents(self, z: torch.Tensor) -> None:
-        z = z[: self.plan.num_frames - self.lat_done]
+        z = z[: self.plan.num_latents - self.lat_done]
         self.latents = torch.cat([self.latents, z])
         self.lat_done += z.shape[0]
         self._new_latents.append(z)
 
     def _decode(self) -> torch.Tensor | None:
-        """Decode every window whose latents are complete; return the newly final frames (t, 3, h, w)."""
+        """Decode every window whose latents are complete; return the newly final frames (t, 3, h, w).
+
+        Windows count latent frames; window [s, e) decodes to video frames [f s, f e) (f = `frames_per_latent`),
+        blended over the video frames as `AutoencoderKL.decode` blends its chunks; frames past N are not emitted."""
         plan, ae = self.plan, self.models.autoencoder
-        windows = plan.decode_windows
+        windows, f = plan.decode_windows, plan.frames_per_latent
         out = []
         while self.window < len(windows) and windows[self.window][1] <= self.lat_done:
             s, e = windows[self.window]
             lat = self.latents[s - self.lat_base:e - self.lat_base][None].to(next(ae.parameters()).device)
             rec = ae.decode_scaled(lat, num_frames=e - s)[0].float().cpu()
-            w = crossfade_window(windows, self.window)
-            # partial sums cover [final, ...); extend to this window's end
+            w = crossfade_window(windows, self.window, f)
+            # partial sums cover video frames [final, ...); extend to this window's end
             if self.partial is None:
                 self.partial = torch.zeros((0, *rec.shape[1:]))
-            need = e - self.final - self.partial.shape[0]
+            need = f * e - self.final - self.partial.shape[0]
             if need > 0:
                 self.partial = torch.cat([self.partial, torch.zeros((need, *rec.shape[1:]))])
                 self.partial_w = torch.cat([self.partial_w, torch.zeros(need, dtype=torch.float64)])
-            lo = s - self.final
-            self.partial[lo:lo + (e - s)] += rec * rearrange(w.float(), "t -> t 1 1 1")
-            self.partial_w[lo:lo + (e - s)] += w
+            lo = f * s - self.final
+            self.partial[lo:lo + f * (e - s)] += rec * rearrange(w.float(), "t -> t 1 1 1")
+            self.partial_w[lo:lo + f * (e - s)] += w
             self.window += 1
-            upto = windows[self.window][0] if self.window < len(windows) else plan.num_frames
+            next_start = windows[self.window][0] if self.window < len(windows) else plan.num_latents
+            upto = min(f * next_start, plan.num_frames)
             n = upto - self.final
             if n > 0:
                 done = self.partial[:n] / rearrange(self.partial_w[:n].float(), "t -> t 1 1 1")
@@ -267,7 +274,7 @@ class Rollout:
                 self.partial, self.partial_w = self.partial[n:], self.partial_w[n:]
                 self.final = upto
             # latents before the next window's start are decoded for good
-            drop = min(upto, self.lat_done) - self.lat_base
+            drop = min(next_start, self.lat_done) - self.lat_base
             if drop > 0:
                 self.latents = self.latents[drop:]
                 self.lat_base += drop
