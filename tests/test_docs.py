@@ -29,7 +29,9 @@ def _anchors(path: Path) -> set[str]:
 
 
 def test_readme_is_short():
-    assert len((REPO / "README.md").read_text().splitlines()) < 250
+    # a budget that keeps the README a user's page (measurement logs go to docs/); raised from 250 when the 3D latent
+    # space and the generated-data detector table came in
+    assert len((REPO / "README.md").read_text().splitlines()) < 270
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
