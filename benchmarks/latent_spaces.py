@@ -38,7 +38,6 @@ records the command, the sha256 of every checkpoint, `--train-command` texts and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -55,19 +54,13 @@ from ae_recon import _load_val_clips, _windows16  # noqa: E402
 SPACES = ("kl-f8", "3d")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_sha256(folder: Path) -> str:
     """sha256 of the model.safetensors an exported model folder (or a run folder's latest checkpoint) loads."""
+    from drivesim.eval.weights import sha256_file
+
     from drivesim.rollout.stack import checkpoint_folder
 
-    return file_sha256(checkpoint_folder(folder) / "model.safetensors")
+    return sha256_file(checkpoint_folder(folder) / "model.safetensors")
 
 
 def latent_numbers_per_second(latent_shapes: list[tuple[int, ...]], video_frames: int, fps: float) -> float:

@@ -25,7 +25,6 @@ or parameterisation, and, unless `allow_other_latents`, a backbone trained on an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -174,14 +173,6 @@ def _resolve(path: Path) -> Path:
     return latest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_class(folder: Path, flag: str, accepted: tuple[str, ...], what: str) -> str:
     from drivesim.training.checkpoint import read_header
 
@@ -217,6 +208,7 @@ def transfer_temporal(temporal: str | Path, backbone: str | Path, out: str | Pat
     """
     from drivesim import __version__
     from drivesim.atomic import replace_dir, write_json_atomic
+    from drivesim.eval.weights import sha256_file
     from drivesim.pipeline.outputs import check_output
     from drivesim.training.checkpoint import MODEL_NAME, load_model, save_model
 
@@ -227,7 +219,7 @@ def transfer_temporal(temporal: str | Path, backbone: str | Path, out: str | Pat
                                        ("--backbone", backbone, ("image_ldm",), "an image LDM")):
         folder = _resolve(path)
         cls = _check_class(folder, flag, accepted, what)
-        sources[flag] = {"path": str(path), "checkpoint": str(folder), "sha256": _sha256(folder / MODEL_NAME),
+        sources[flag] = {"path": str(path), "checkpoint": str(folder), "sha256": sha256_file(folder / MODEL_NAME),
                          "model_class": cls}
     donor = load_model(Path(sources["--temporal"]["checkpoint"]))
     image = load_model(Path(sources["--backbone"]["checkpoint"]))
