@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,104 @@ def generate(pred, interp, batch: dict, steps: int | None, seed: int, guidance_s
     return fill_keys(interp, batch, keys, steps, seed + 1, guidance_scale, context_guidance)
 
 
+@torch.no_grad()
+def generate_windows(variants: dict[str, tuple], ae, val, indices: list[int], seeds: list[int], batch_size: int,
+                     steps: int | None, guidance_scale: float | None, context_guidance: float | None,
+                     log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+    """The first 16 decoded frames of every window for every variant and seed, and the autoencoder's reconstruction
+    of the real latents.
+
+    Args:
+        variants: row name -> (prediction model, interpolation model, alpha_one); alpha_one runs `generate` with
+            `force_alpha_one` on both models (every generated frame is then the image model's).
+        val, indices: the `val_windows` dataset and window indices, taken `batch_size` at a time.
+        seeds: sampling seeds; the batch starting at window s samples with seed + s for every variant, so the rows
+            of one seed start from the same noise.
+    Returns:
+        {"recon": (n, 16, h, w, 3) uint8, f"{name}/{seed}": (n, 16, h, w, 3) uint8 for every variant and seed}.
+    """
+    from drivesim.nn.temporal import force_alpha_one
+
+    t0 = time.time()
+    gen: dict[str, list[np.ndarray]] = {"recon": []}
+    for seed in seeds:
+        for name in variants:
+            gen[f"{name}/{seed}"] = []
+    for s in range(0, len(indices), batch_size):
+        items = [val[i] for i in indices[s:s + batch_size]]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
+        for seed in seeds:
+            for name, (pred, interp, alpha_one) in variants.items():
+                with contextlib.ExitStack() as stack:
+                    if alpha_one:
+                        stack.enter_context(force_alpha_one(pred))
+                        stack.enter_context(force_alpha_one(interp))
+                    z = generate(pred, interp, batch, steps, seed + s, guidance_scale, context_guidance)
+                gen[f"{name}/{seed}"].append(_to_uint8(ae.decode_scaled(z[:, :16])))
+        gen["recon"].append(_to_uint8(ae.decode_scaled(batch["latents"][:, :16].float())))
+        log(f"windows {min(s + batch_size, len(indices))}/{len(indices)}  {time.time() - t0:.0f}s")
+    return {k: np.concatenate(v) for k, v in gen.items()}
+
+
+def seed_metrics(feats: dict[str, np.ndarray], gen: dict[str, np.ndarray], names, seed: int) -> dict:
+    """FVD_16 against the real windows and against their reconstructions, and flicker, of each row's windows of one
+    seed: {"fvd": {name: x}, "fvd_vs_recon": {name: x}, "flicker": {name: {"diff1", "diff2"}}}. `feats`: I3D
+    embeddings of "real", "recon" and every f"{name}/{seed}"; empty (no I3D pass): every FVD is None."""
+    from drivesim.eval.metrics import fvd
+
+    return {
+        "fvd": {n: fvd(feats["real"], feats[f"{n}/{seed}"]) if feats else None for n in names},
+        # against the autoencoder's reconstructions of the real windows: the decoder's own blur is on both
+        # sides, so what is left is what the diffusion models add (a weak decoder puts a floor under FVD)
+        "fvd_vs_recon": {n: fvd(feats["recon"], feats[f"{n}/{seed}"]) if feats else None for n in names},
+        "flicker": {n: flicker_measures(gen[f"{n}/{seed}"]) for n in names},
+    }
+
+
+def spread(values) -> dict[str, float] | None:
+    """mean, sample std over seeds (0 for one seed), min and max of per-seed values; None if any value is None."""
+    if any(v is None for v in values):
+        return None
+    values = np.array(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def summarize(per_seed: list[dict], names) -> dict[str, dict | None]:
+    """f"{metric}/{name}" -> `spread` over seeds of the `seed_metrics` dicts, metric in fvd, fvd_vs_recon, diff1,
+    diff2."""
+    return {
+        f"{metric}/{n}": spread([r[metric][n] for r in per_seed]) for metric in ("fvd", "fvd_vs_recon") for n in names
+    } | {
+        f"{d}/{n}": spread([r["flicker"][n][d] for r in per_seed]) for d in ("diff1", "diff2") for n in names
+    }
+
+
+def alpha_stats(model: torch.nn.Module) -> dict[str, float]:
+    """min, max and mean of the model's alpha blend factors (each rounded to 3 decimals)."""
+    from drivesim.nn.temporal import AlphaBlender
+
+    v = sorted(round(float(m.alpha().detach()), 3) for m in model.modules() if isinstance(m, AlphaBlender))
+    return {"min": v[0], "max": v[-1], "mean": float(np.mean(v))}
+
+
+def table(summary: dict, names, fvd_recon: float | None, flicker_real: dict, flicker_recon: dict) -> str:
+    """The markdown table: real and reconstructed windows, then one row per name (mean +- std over seeds)."""
+
+    def cell(v: dict | None, fmt: str) -> str:
+        return "-" if v is None else f"{v['mean']:{fmt}} +- {v['std']:{fmt}}"
+
+    lines = ["| clips | FVD_16 vs real | FVD_16 vs recon | diff1 | diff2 |", "|---|---|---|---|---|",
+             f"| real | 0 | - | {flicker_real['diff1']:.4f} | {flicker_real['diff2']:.4f} |",
+             f"| recon | {'-' if fvd_recon is None else format(fvd_recon, '.1f')} | 0 | {flicker_recon['diff1']:.4f} | "
+             f"{flicker_recon['diff2']:.4f} |"]
+    for n in names:
+        cells = [cell(summary[f"{m}/{n}"], ".1f") for m in ("fvd", "fvd_vs_recon")]
+        cells += [cell(summary[f"{d}/{n}"], ".4f") for d in ("diff1", "diff2")]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The dataset / cache / checkpoint options shared with `keyframe_samplers.py`."""
     ap.add_argument("--data", type=Path, required=True, help="clip-format dataset (its val clips are the real set)")
@@ -171,7 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
     from drivesim.eval.results import write_json
 
     import drivesim
-    from drivesim.nn.temporal import AlphaBlender, force_alpha_one
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap)
@@ -197,46 +295,16 @@ def main(argv: list[str] | None = None) -> dict:
     real = np.concatenate(list(real_by_clip.values()))
 
     seeds = [args.seed + 1000 * k for k in range(args.seeds)]
+    names = ("video", "alpha1")
     t0 = time.time()
-    gen: dict[str, list[np.ndarray]] = {"recon": []}
-    for seed in seeds:
-        gen[f"video/{seed}"], gen[f"alpha1/{seed}"] = [], []
-    for s in range(0, len(indices), args.batch):
-        items = [val[i] for i in indices[s:s + args.batch]]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
-        for seed in seeds:
-            for name in ("video", "alpha1"):
-                with contextlib.ExitStack() as stack:
-                    if name == "alpha1":
-                        stack.enter_context(force_alpha_one(pred))
-                        stack.enter_context(force_alpha_one(interp))
-                    z = generate(pred, interp, batch, args.steps, seed + s, args.guidance_scale,
-                                 args.context_guidance)
-                gen[f"{name}/{seed}"].append(_to_uint8(ae.decode_scaled(z[:, :16])))
-        gen["recon"].append(_to_uint8(ae.decode_scaled(batch["latents"][:, :16].float())))
-        print(f"windows {min(s + args.batch, len(indices))}/{len(indices)}  {time.time() - t0:.0f}s", flush=True)
-    gen = {k: np.concatenate(v) for k, v in gen.items()}
+    gen = generate_windows({"video": (pred, interp, False), "alpha1": (pred, interp, True)}, ae, val, indices, seeds,
+                           args.batch, args.steps, args.guidance_scale, args.context_guidance,
+                           log=lambda line: print(line, flush=True))
     gen_s = time.time() - t0
 
     feats = {"real": i3d_embeddings(real)}
     feats.update({k: i3d_embeddings(v) for k, v in gen.items()})
-    alphas = {name: sorted(round(float(m.alpha()), 3) for m in model.modules() if isinstance(m, AlphaBlender))
-              for name, model in (("prediction", pred), ("interpolation", interp))}
-    per_seed = {
-        seed: {
-            "fvd": {n: fvd(feats["real"], feats[f"{n}/{seed}"]) for n in ("video", "alpha1")},
-            # against the autoencoder's reconstructions of the real windows: the decoder's own blur is on both
-            # sides, so what is left is what the diffusion models add (a weak decoder puts a floor under FVD)
-            "fvd_vs_recon": {n: fvd(feats["recon"], feats[f"{n}/{seed}"]) for n in ("video", "alpha1")},
-            "flicker": {n: flicker_measures(gen[f"{n}/{seed}"]) for n in ("video", "alpha1")},
-        }
-        for seed in seeds
-    }
-
-    def spread(get) -> dict[str, float]:
-        values = np.array([get(per_seed[seed]) for seed in seeds], dtype=np.float64)
-        return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "min": float(values.min()), "max": float(values.max())}
+    per_seed = {seed: seed_metrics(feats, gen, names, seed) for seed in seeds}
 
     report = {
         "protocol": "first and last 17-frame latent window of every val clip; key frames by the prediction model "
@@ -249,18 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
         "train_minutes": args.train_minutes,
         "fvd_recon": fvd(feats["real"], feats["recon"]),
         "per_seed": {str(k): v for k, v in per_seed.items()},
-        "summary": {
-            f"{metric}/{n}": spread(lambda r, metric=metric, n=n: r[metric][n])
-            for metric in ("fvd", "fvd_vs_recon") for n in ("video", "alpha1")
-        } | {
-            f"{d}/{n}": spread(lambda r, d=d, n=n: r["flicker"][n][d]) for d in ("diff1", "diff2")
-            for n in ("video", "alpha1")
-        } | {
+        "summary": summarize(list(per_seed.values()), names) | {
             # paired per seed: the same noise for both variants, so the difference has less spread than either
-            "fvd_vs_recon_gain": spread(lambda r: r["fvd_vs_recon"]["alpha1"] - r["fvd_vs_recon"]["video"]),
+            "fvd_vs_recon_gain": spread([r["fvd_vs_recon"]["alpha1"] - r["fvd_vs_recon"]["video"]
+                                         for r in per_seed.values()]),
         },
         "flicker_real": flicker_measures(real), "flicker_recon": flicker_measures(gen["recon"]),
-        "alphas": {k: {"min": v[0], "max": v[-1], "mean": float(np.mean(v))} for k, v in alphas.items()},
+        "alphas": {"prediction": alpha_stats(pred), "interpolation": alpha_stats(interp)},
     }
     b0 = val[indices[0]]
     boxes, box_mask = b0["boxes"][:16].numpy(), b0["box_mask"][:16].numpy()
@@ -272,16 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         write_json(args.json, report)
     np.savez_compressed(args.out / "i3d_features.npz", **{k.replace("/", "_"): v for k, v in feats.items()})
-    summ = report["summary"]
     print(f"{len(seeds)} seed(s), mean +- std (sample std over seeds)")
-    print("| clips | FVD_16 vs real | FVD_16 vs recon | diff1 | diff2 |\n|---|---|---|---|---|")
-    print(f"| real | 0 | - | {report['flicker_real']['diff1']:.4f} | {report['flicker_real']['diff2']:.4f} |")
-    print(f"| recon | {report['fvd_recon']:.1f} | 0 | {report['flicker_recon']['diff1']:.4f} | "
-          f"{report['flicker_recon']['diff2']:.4f} |")
-    for n in ("video", "alpha1"):
-        cells = [f"{summ[f'{m}/{n}']['mean']:.1f} +- {summ[f'{m}/{n}']['std']:.1f}" for m in ("fvd", "fvd_vs_recon")]
-        cells += [f"{summ[f'{d}/{n}']['mean']:.4f} +- {summ[f'{d}/{n}']['std']:.4f}" for d in ("diff1", "diff2")]
-        print(f"| {n} | " + " | ".join(cells) + " |")
+    print(table(report["summary"], names, report["fvd_recon"], report["flicker_real"], report["flicker_recon"]))
     print(json.dumps({k: report[k] for k in ("real_clips", "generated_clips", "generation_s", "alphas")}))
     return report
 
