@@ -15,6 +15,10 @@ puts the base's card (its commands and steps) into the new card. A full fine-tun
 new scale factor (new encoder, new latents) and likewise carries the base's card, nested, so the card holds the
 whole recipe. Read the base card BEFORE `--out` overwrites it: pass `--base-card` when `--out` is the base's own
 folder.
+
+The measurement goes to `--result` and `--strip`, by default the shipped autoencoder's results file and the picture
+the docs show; a candidate staged elsewhere (`--out runs/ae_staged`) passes its own paths, e.g.
+`--result runs/ae_staged/box_fidelity.json --strip runs/ae_staged/strip.png`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from drivesim.autoencoder import AutoencoderKL, compute_scale_factor
 from drivesim.configs import Preset, load_yaml
 from drivesim.training.checkpoint import load_model, save_model
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +48,11 @@ def main() -> None:
     ap.add_argument("--train-command", required=True, help="the command that trained --run (goes into the card)")
     ap.add_argument("--detector-command", default="drivesim eval train-detector data/sample --out runs/det")
     ap.add_argument("--scale-frames", type=int, default=512)
+    ap.add_argument("--result", type=Path, default=ROOT / "benchmarks" / "results" / "box_fidelity_autoencoder.json",
+                    help="where the box-fidelity measurement of the shipped file goes (default: the shipped "
+                         "autoencoder's results file; give another path when staging a candidate)")
+    ap.add_argument("--strip", type=Path, default=ROOT / "docs" / "measurements" / "autoencoder_reconstructions.png",
+                    help="reconstruction strip of that measurement (default: the one the docs show)")
     ap.add_argument("--base-card", type=Path, default=None,
                     help="decoder-only runs: a copy of the base checkpoint's model_card.json (default: the one in "
                          "the run's init_from folder)")
@@ -76,11 +87,10 @@ def main() -> None:
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)
 
-    measured = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "box_fidelity_autoencoder.json"
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "box_fidelity.py"),
-                    "--data", str(args.data), "--detector", str(args.detector), "--ae", str(args.out), "--every", "1",
-                    "--out", str(measured), "--strip", str(measured.parents[2] / "docs" / "measurements" /
-                                                           "autoencoder_reconstructions.png")], check=True)
+    measured = args.result
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "box_fidelity.py"), "--data", str(args.data),
+                    "--detector", str(args.detector), "--ae", str(args.out), "--every", "1", "--out", str(measured),
+                    "--strip", str(args.strip)], check=True)
     result = json.loads(measured.read_text())
     train_state = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
                              .read_text())
