@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,22 +337,14 @@ I3D_TOLERANCE = 1e-4  # logits up to ~11: fp32 sums in another order (XLA vs one
 INCEPTION_TOLERANCE = 1e-5  # features up to ~6; torch vs the TorchScript graph leave <= 3.1e-6
 
 
-def _equivalence():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "extractor_equivalence.py"
-    spec = importlib.util.spec_from_file_location("extractor_equivalence", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+EQUIVALENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "extractor_equivalence.py"
 
 
 @pytest.mark.weights
 @pytest.mark.slow
 @needs_i3d
-def test_i3d_matches_the_flax_reference_network():
-    eq = _equivalence()
+def test_i3d_matches_the_flax_reference_network(load_script):
+    eq = load_script(EQUIVALENCE)
     problem = eq.reference_env_problem() or eq.source_problem("i3d")
     if problem:
         pytest.skip(problem)
@@ -367,8 +360,8 @@ def test_i3d_matches_the_flax_reference_network():
 
 @pytest.mark.weights
 @needs_inception
-def test_inception_matches_the_torchscript_reference(monkeypatch):
-    eq = _equivalence()
+def test_inception_matches_the_torchscript_reference(load_script, monkeypatch):
+    eq = load_script(EQUIVALENCE)
     problem = eq.source_problem("inception")
     if problem:
         pytest.skip(problem)

@@ -2,7 +2,6 @@
 takes the same code paths with `--device cuda`), its JSON has sane values, and the time budget skips with a reason."""
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,21 +23,6 @@ def _run(tmp_path: Path, *extra: str) -> dict:
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
-
-
-def _module():
-    """The script as a module (it puts its own folder on sys.path for its sibling modules: undone here)."""
-    if "gpu_check" in sys.modules:
-        return sys.modules["gpu_check"]
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = path
-    return module
 
 
 def _check_training_part(rec: dict) -> None:
@@ -104,12 +88,12 @@ def test_a_spent_budget_skips_every_part_with_the_reason(tmp_path):
     assert result["peak"]["status"] == "ok"  # seconds: always measured
 
 
-def test_svd_unet_and_a_counted_memory_trace_on_a_cpu_small_stage():
+def test_svd_unet_and_a_counted_memory_trace_on_a_cpu_small_stage(load_script):
     # diffusers' U-Net needs widths that are multiples of 32: cpu-small's prediction U-Net, checkpointing on as the
     # paper preset has it (diffusers' enable_gradient_checkpointing), on 3 frames of 8x16 latents to stay quick
     import torch
 
-    gc = _module()
+    gc = load_script(SCRIPT)
     preset = get_preset("cpu-small")
     unet = dataclasses.replace(preset.prediction.unet, gradient_checkpointing=True)
     preset = dataclasses.replace(preset, resolution=(64, 128),
@@ -128,7 +112,7 @@ def test_svd_unet_and_a_counted_memory_trace_on_a_cpu_small_stage():
 
 
 @pytest.mark.parametrize("bad", ["8", "8x", "axb"])
-def test_sample_lowres_must_be_h_by_w(bad):
-    gc = _module()
+def test_sample_lowres_must_be_h_by_w(load_script, bad):
+    gc = load_script(SCRIPT)
     with pytest.raises(SystemExit):
         gc.main(["--sample-lowres", bad, "--device", "cpu"])

@@ -7,9 +7,7 @@ mechanics only, not quality."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,33 +22,18 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latent_spaces.py"
 H, W = 32, 64
 
 
-def _module():
-    """The script as a module (it puts its own folder on sys.path for its sibling modules: undone here)."""
-    if "latent_spaces" in sys.modules:
-        return sys.modules["latent_spaces"]
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("latent_spaces", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["latent_spaces"] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = path
-    return module
-
-
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> tuple[Path, dict]:
+def report(load_script, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("latent_spaces")
     write_synthetic_dataset(root / "data", clips=2, frames=18, size=(H, W))  # clip 1 is the one val clip
     init_checkpoint_dir(root / "kl", "tiny", seed=0, upsampler=False)
     init_checkpoint_dir(root / "s3d", "tiny", seed=0, upsampler=False, latent_space="3d")
     out = root / "out"
-    _module().main(["--data", str(root / "data"), "--kl-ae", str(root / "kl" / "autoencoder"), "--ae3d",
-                    str(root / "s3d" / "autoencoder"), "--stack-kl", str(root / "kl"), "--stack-3d",
-                    str(root / "s3d"), "--rollout-frames", "16", "--rollout-set", "steps=1", "--threads", "0",
-                    "--train-command", "ae3d=drivesim train autoencoder_3d ...", "--out", str(out),
-                    "--json", str(root / "result.json")])
+    load_script(SCRIPT).main(["--data", str(root / "data"), "--kl-ae", str(root / "kl" / "autoencoder"), "--ae3d",
+                              str(root / "s3d" / "autoencoder"), "--stack-kl", str(root / "kl"), "--stack-3d",
+                              str(root / "s3d"), "--rollout-frames", "16", "--rollout-set", "steps=1", "--threads", "0",
+                              "--train-command", "ae3d=drivesim train autoencoder_3d ...", "--out", str(out),
+                              "--json", str(root / "result.json")])
     rep = json.loads((out / "report.json").read_text())
     assert json.loads((root / "result.json").read_text()) == rep
     return root, rep

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -36,21 +35,6 @@ VIDEO = {"prediction": (PredictionLDM, TINY.prediction), "interpolation": (Inter
 HAVE_I3D = weights_path("i3d") is not None
 MODELS = ("transferred_prediction", "transferred_interpolation", "retrained_prediction", "retrained_interpolation")
 METRICS = ("fvd", "fvd_vs_recon", "diff1", "diff2")
-
-
-def _module():
-    """The script as a module (it puts its own folder on sys.path for its sibling modules: undone here)."""
-    if "temporal_transfer" in sys.modules:
-        return sys.modules["temporal_transfer"]
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("temporal_transfer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["temporal_transfer"] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = path
-    return module
 
 
 def _randomize(module: torch.nn.Module, seed: int, names=None, scale: float = 0.2) -> None:
@@ -120,9 +104,9 @@ def _args(setup: dict[str, Path], out: Path, **change) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(setup) -> dict:
+def report(load_script, setup) -> dict:
     out = setup["root"] / "out"
-    rep = _module().main(_args(setup, out) + ["--json", str(setup["root"] / "result.json")])
+    rep = load_script(SCRIPT).main(_args(setup, out) + ["--json", str(setup["root"] / "result.json")])
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(rep))
     assert json.loads((setup["root"] / "result.json").read_text()) == json.loads(json.dumps(rep))
     return rep
@@ -186,7 +170,7 @@ def test_verdict_is_the_rows_distances(report):
     assert v["transfer_works_diff2"] is v["metrics"]["diff2"]["transfer_works"]
 
 
-def test_verdict_rule_on_known_numbers():
+def test_verdict_rule_on_known_numbers(load_script):
     def row(x):
         return {"mean": x, "std": 0.0, "min": x, "max": x}
 
@@ -194,16 +178,16 @@ def test_verdict_rule_on_known_numbers():
              "diff2": (0.5, 0.25, 0.25)}  # diff1 and diff2: ties, which count against the transfer
     summary = {f"{m}/{n}": row(x) for m, xs in means.items() for n, x in zip(("transferred", "alpha1", "retrained"),
                                                                             xs, strict=True)}
-    v = _module().verdict(summary)
+    v = load_script(SCRIPT).verdict(summary)
     assert [v["metrics"][m]["closer_to"] for m in METRICS] == ["retrained", "alpha1", "alpha1", "alpha1"]
     assert v["metrics"]["fvd"]["dist_retrained"] == 2.0 and v["metrics"]["fvd"]["dist_alpha1"] == 20.0
     assert v["transfer_works_fvd_recon"] is False and v["transfer_works_diff2"] is False
     summary["fvd/alpha1"] = None  # FVD skipped
-    assert _module().verdict(summary)["metrics"]["fvd"]["transfer_works"] is None
+    assert load_script(SCRIPT).verdict(summary)["metrics"]["fvd"]["transfer_works"] is None
 
 
-def test_backbone_check_tells_backbones_apart(setup):
-    same = _module().same_spatial
+def test_backbone_check_tells_backbones_apart(load_script, setup):
+    same = load_script(SCRIPT).same_spatial
     tp, rp, ti = (drivesim.load(setup[k]) for k in ("transferred_prediction", "retrained_prediction",
                                                      "transferred_interpolation"))
     assert same(tp, rp) and same(tp, ti)
@@ -230,20 +214,21 @@ def test_alpha1_and_transferred_rows_are_video_ldm_temporal_rows(report, setup):
 
 
 @pytest.mark.parametrize("key", ["cache", "ae", "retrained_interpolation"])
-def test_missing_path_names_the_argument(setup, tmp_path, capsys, key):
+def test_missing_path_names_the_argument(load_script, setup, tmp_path, capsys, key):
     missing = tmp_path / "nowhere"
     with pytest.raises(SystemExit) as exc:
-        _module().main(_args(setup, tmp_path / "out", **{key: missing}))
+        load_script(SCRIPT).main(_args(setup, tmp_path / "out", **{key: missing}))
     assert exc.value.code == 2
     assert f"--{key.replace('_', '-')}: {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_wrong_model_names_the_argument(setup, tmp_path, capsys):
+def test_wrong_model_names_the_argument(load_script, setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        _module().main(_args(setup, tmp_path / "out", transferred_prediction=setup["transferred_interpolation"]))
+        load_script(SCRIPT).main(_args(setup, tmp_path / "out",
+                                       transferred_prediction=setup["transferred_interpolation"]))
     err = capsys.readouterr().err
     assert "--transferred-prediction: " in err and "expected PredictionLDM" in err
     with pytest.raises(SystemExit):
-        _module().main(_args(setup, tmp_path / "out", ae=setup["data"]))  # a folder, not a checkpoint
+        load_script(SCRIPT).main(_args(setup, tmp_path / "out", ae=setup["data"]))  # a folder, not a checkpoint
     assert f"--ae: {setup['data']}: " in capsys.readouterr().err

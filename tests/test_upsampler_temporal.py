@@ -4,9 +4,7 @@ forcing alpha = 1 changes the output exactly when the temporal layers are not in
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +17,6 @@ from drivesim.models.upsampler import Upsampler
 from drivesim.training.checkpoint import save_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "upsampler_temporal.py"
-
-
-def _module():
-    """The script as a module (it puts its own folder on sys.path for its sibling modules: undone here)."""
-    if "upsampler_temporal" in sys.modules:
-        return sys.modules["upsampler_temporal"]
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("upsampler_temporal", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["upsampler_temporal"] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = path
-    return module
 
 
 def _upsampler(path: Path, temporal_active: bool) -> Path:
@@ -58,18 +41,18 @@ def data(tmp_path_factory):
     return root
 
 
-def _run(tmp_path: Path, data: Path, model: Path) -> dict:
+def _run(load_script, tmp_path: Path, data: Path, model: Path) -> dict:
     out = tmp_path / "out"
-    _module().main(["--data", str(data), "--upsampler", str(model), "--out", str(out), "--steps", "1",
-                    "--noise-level", "30", "--json", str(tmp_path / "result.json")])
+    load_script(SCRIPT).main(["--data", str(data), "--upsampler", str(model), "--out", str(out), "--steps", "1",
+                              "--noise-level", "30", "--json", str(tmp_path / "result.json")])
     report = json.loads((out / "report.json").read_text())
     assert json.loads((tmp_path / "result.json").read_text()) == report
     assert (out / "filmstrip.png").stat().st_size > 0
     return report
 
 
-def test_report_fields_and_bicubic_psnr(tmp_path, data):
-    report = _run(tmp_path, data, _upsampler(tmp_path / "model", temporal_active=True))
+def test_report_fields_and_bicubic_psnr(load_script, tmp_path, data):
+    report = _run(load_script, tmp_path, data, _upsampler(tmp_path / "model", temporal_active=True))
     assert report["windows"] == 1 and report["frames"] == 16 and report["full_val_windows"] == 1
     assert report["resolution"] == [32, 64] and report["lowres"] == [8, 16] and report["scale"] == 4
     assert report["steps"] == 1 and report["noise_level"] == 30 and report["seeds"] == [0]
@@ -100,9 +83,9 @@ def test_report_fields_and_bicubic_psnr(tmp_path, data):
     assert report["bicubic"]["psnr"] == pytest.approx(expected, abs=1e-3)
 
 
-def test_inert_temporal_layers_leave_alpha_one_unchanged(tmp_path, data):
+def test_inert_temporal_layers_leave_alpha_one_unchanged(load_script, tmp_path, data):
     """Zero-output temporal layers: alpha = 1 must not change a pixel, so the measure above is not noise."""
-    report = _run(tmp_path, data, _upsampler(tmp_path / "model", temporal_active=False))
+    report = _run(load_script, tmp_path, data, _upsampler(tmp_path / "model", temporal_active=False))
     assert report["per_seed"]["0"]["video_vs_alpha1"] < 1e-3
     assert report["per_seed"]["0"]["video"]["psnr"] == pytest.approx(report["per_seed"]["0"]["alpha1"]["psnr"],
                                                                        abs=0.05)
