@@ -9,7 +9,10 @@ measured by `benchmarks/box_fidelity.py` (`--measured`). Which latents it was tr
 `encoder_id` (the encoder's identity): the demo uses the image LDM with an autoencoder of that encoder, so a
 decoder-only fine-tune of the autoencoder keeps it valid (re-ship to re-measure through the new decoder). A run
 fine-tuned from another (`drivesim train --init-from RUN/model-ema`) names that run and its command with
-`--init-run` / `--init-command`, so the card gives every command from nothing to the shipped weights.
+`--init-run` / `--init-command`, so the card gives every command from nothing to the shipped weights. A run
+fine-tuned from a shipped checkpoint (`--init-from drivesim/pretrained/image-ldm-cpu-small`, e.g. on the latents of
+a new autoencoder) passes that checkpoint's card with `--init-card` instead: it goes into the new card, nested, with
+its commands and steps. Read it BEFORE `--out` overwrites it (copy it elsewhere first when `--out` is its folder).
 """
 
 from __future__ import annotations
@@ -37,10 +40,21 @@ def main() -> None:
     ap.add_argument("--train-command", required=True)
     ap.add_argument("--init-run", type=Path, default=None, help="the run this one was fine-tuned from (--init-from)")
     ap.add_argument("--init-command", default=None, help="the training command of --init-run")
+    ap.add_argument("--init-card", type=Path, default=None,
+                    help="the model card of the shipped checkpoint the run was fine-tuned from (instead of --init-run)")
     ap.add_argument("--notes", default=None, help="how it was trained, in words (machine, threads, anything unusual)")
     ap.add_argument("--encode-command", default="drivesim encode --ae drivesim/pretrained/autoencoder-cpu-small "
                                                 "--data data/sample --out runs/latents_ship.h5")
     args = ap.parse_args()
+    init = None
+    if args.init_run is not None and args.init_card is not None:
+        sys.exit("--init-run and --init-card: give one (a run, or the card of a shipped checkpoint)")
+    if args.init_card is not None:
+        base = json.loads(args.init_card.read_text())
+        if base.get("model_class") != "image_ldm":
+            sys.exit(f"--init-card: {args.init_card} is not an image LDM's model card (model_class "
+                     f"{base.get('model_class')!r})")
+        init = {"card": base, "steps": base["steps"]}
     torch.set_grad_enabled(False)
     src = args.run / "model-ema"
     model = load_model(src, "image_ldm")
@@ -53,7 +67,6 @@ def main() -> None:
     steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
     tc = load_yaml(Preset, args.run / "config-image_ldm.yaml").train["image_ldm"]
     measured = json.loads(args.measured.read_text())
-    init = None
     if args.init_run is not None:
         init_state = json.loads((sorted((args.init_run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
                                 .read_text())
