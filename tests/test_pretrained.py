@@ -36,6 +36,13 @@ def test_cpu_small_autoencoder_is_shipped_with_a_card():
     assert ae.config.scale_factor == pytest.approx(card["scale_factor"]) and ae.config.scale_factor != 1.0
     # the demo accepts it for cpu-small: same network as the preset's autoencoder block
     assert to_dict_cfg(ae.config) == to_dict_cfg(get_preset("cpu-small").autoencoder)
+    # the card holds every command from nothing: each run started `--init-from` another nests that one's card as
+    # `base`, down to a run trained from scratch, and the steps add up to the total
+    level, steps = card, 0
+    while "--init-from" in level["command"]:
+        assert "base" in level, f"a run started --init-from another does not nest its card: {level['command']}"
+        steps, level = steps + level["steps"], level["base"]
+    assert card.get("total_steps", card["steps"]) == steps + level["steps"]
 
 
 @pytest.mark.skipif(not (SAMPLE / "manifest.json").is_file(), reason="the committed sample data/sample is absent")
@@ -140,3 +147,10 @@ def test_cpu_small_image_ldm_is_shipped_and_tied_to_its_autoencoder():
     # trained on the shipped autoencoder's latents (the rollout checks this identity) and the preset's network
     assert ldm.config.encoder_id == encoder_id(*load_model(ae_folder).encoder_fingerprint())
     assert to_dict(dataclasses.replace(ldm.config, encoder_id=None)) == to_dict(get_preset("cpu-small").image_ldm)
+    # every command from nothing: a fine-tune nests what it started from (a run's command, or a shipped card)
+    level, steps = card, 0
+    while "--init-from" in level["command"]:
+        init = level["init_from"]
+        steps += level["fine_tune_steps"]
+        level = init.get("card", init)
+    assert card["steps"] == steps + level["steps"]
