@@ -104,6 +104,22 @@ def run_json_subprocess(argv: list[str], timeout: float = 600) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def fvd_available(n_real: int) -> str | None:
+    """None when FVD_16 can be computed on `n_real` real 16-frame windows (the project's I3D weights load), else
+    the reason it cannot (a benchmark records it as skipped instead of failing after its expensive part)."""
+    from drivesim.errors import WeightsError
+
+    try:
+        from drivesim.eval.i3d import load_i3d
+
+        load_i3d("cpu")  # fail now, not after the rollouts
+    except WeightsError as e:
+        return f"I3D weights absent: {e}"
+    if n_real < 2:
+        return f"{n_real} real 16-frame window(s): a Frechet distance needs >= 2"
+    return None
+
+
 def write_result(name: str, result: dict) -> Path:
     """Write `result` to benchmarks/results/<name>.json (temp file + rename) and return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, not the repo root
-from _common import machine  # noqa: E402
+from _common import fvd_available, machine  # noqa: E402
 from ae_recon import _load_val_clips, _windows16  # noqa: E402
 
 SPACES = ("kl-f8", "3d")
@@ -100,21 +100,6 @@ def training_record(member: Path) -> dict:
         c = json.loads(card.read_text())
         out["card"] = {k: c.get(k) for k in ("command", "steps", "total_steps") if k in c}
     return out
-
-
-def _fvd_available(n_real: int) -> str | None:
-    """None when FVD can run, else why not."""
-    from drivesim.errors import WeightsError
-
-    try:
-        from drivesim.eval.i3d import load_i3d
-
-        load_i3d("cpu")  # fail now, not after the rollouts
-    except WeightsError as e:
-        return f"I3D weights absent: {e}"
-    if n_real < 2:
-        return f"{n_real} real 16-frame window(s): a Frechet distance needs >= 2"
-    return None
 
 
 def reconstruct(models: dict, data: Path, size, max_clips: int | None):
@@ -248,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not clips:
         ap.error(f"--data: {args.data} has no val clip of >= 4 frames")
     video_s = frames / fps
-    fvd_skipped = "--no-fvd" if args.no_fvd else _fvd_available(len(real_windows))
+    fvd_skipped = "--no-fvd" if args.no_fvd else fvd_available(len(real_windows))
 
     stacks = {s: p for s, p in (("kl-f8", args.stack_kl), ("3d", args.stack_3d)) if p is not None}
     rolled = {s: rollouts(s, p, args.data, args.max_clips, args.rollout_frames, args.rollout_set, size, args.seed,

@@ -56,8 +56,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, not the repo root
-from _common import machine  # noqa: E402
-from latent_spaces import _fvd_available, training_record, weights_sha256  # noqa: E402
+from _common import fvd_available, machine  # noqa: E402
+from latent_spaces import training_record, weights_sha256  # noqa: E402
 from video_ldm_temporal import (  # noqa: E402
     alpha_stats,
     flicker_measures,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     except DrivesimError as e:  # the readers' messages name the file
         ap.error(f"--cache / --data: {e}")
     real = np.concatenate(list(real_by_clip.values()))
-    fvd_skipped = _fvd_available(len(real))
+    fvd_skipped = fvd_available(len(real))
     if fvd_skipped is None and len(indices) < 2:
         fvd_skipped = f"{len(indices)} generated window(s): a Frechet distance needs >= 2"
     args.out.mkdir(parents=True, exist_ok=True)
