@@ -34,7 +34,7 @@ import torch
 
 from drivesim.autoencoder import AutoencoderKL, compute_scale_factor
 from drivesim.configs import Preset, load_yaml
-from drivesim.training.checkpoint import load_model, save_model
+from drivesim.training.checkpoint import load_model, save_model, trained_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,7 @@ def main() -> None:
                     "--detector", str(args.detector), "--ae", str(args.out), "--every", "1", "--out", str(measured),
                     "--strip", str(args.strip)], check=True)
     result = json.loads(measured.read_text())
-    train_state = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
-                             .read_text())
+    steps = trained_steps(args.run)
     rows = result["rows"]
     card = {
         "name": args.out.name,
@@ -103,7 +102,7 @@ def main() -> None:
         "detector_command": args.detector_command,
         "data": str(args.data), "data_split": "train (48 clips, 1536 frames)",
         "weights": f"{src.name} of the run, cast to float16",
-        "steps": train_state.get("step"),
+        "steps": steps,
         "batch_size": train_cfg.batch_size,
         "lr": train_cfg.lr, "lr_schedule": train_cfg.lr_schedule, "ema_decay": train_cfg.ema_decay,
         "box_weight": model.config.box_weight,

@@ -20,7 +20,7 @@ import torch
 from drivesim.eval.box_fidelity import evaluate_boxes
 from drivesim.eval.detector import BoxDetector
 
-from drivesim.training.checkpoint import load_model, save_model
+from drivesim.training.checkpoint import load_model, save_model, trained_steps
 
 
 def main() -> None:
@@ -35,13 +35,12 @@ def main() -> None:
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)
     record = evaluate_boxes(args.out, args.data, "val")
-    steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
     card = {
         "name": args.out.name, "model_class": "box_detector",
         "command": args.train_command, "ship_command": shlex.join(["python", *sys.argv]),
         "data": str(args.data), "data_split": "train",
         "data_manifest_sha256": hashlib.sha256((args.data / "manifest.json").read_bytes()).hexdigest(),
-        "steps": steps["step"], "seed": 0, "weights": "model/ of the run (no EMA), cast to float16",
+        "steps": trained_steps(args.run), "seed": 0, "weights": "model/ of the run (no EMA), cast to float16",
         "measured_on": f"{args.data} val split, {record['protocol']['frames']} frames (drivesim eval boxes)",
         "ap_real_val": {k: {m: v[m] for m in ("AP", "AP50", "AP75", "num_gt")} for k, v in record["ap"].items()},
     }

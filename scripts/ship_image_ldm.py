@@ -27,7 +27,7 @@ import torch
 
 from drivesim.configs import Preset, load_yaml
 from drivesim.pretrained import weights_sha256
-from drivesim.training.checkpoint import load_model, save_model
+from drivesim.training.checkpoint import load_model, save_model, trained_steps
 
 
 def main() -> None:
@@ -64,13 +64,11 @@ def main() -> None:
         sys.exit(f"{args.ae}: its encoder did not make the latents {src} was trained on (encoder_id differs)")
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, args.out, state_dict=state)
-    steps = json.loads((sorted((args.run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())
+    steps = trained_steps(args.run)
     tc = load_yaml(Preset, args.run / "config-image_ldm.yaml").train["image_ldm"]
     measured = json.loads(args.measured.read_text())
     if args.init_run is not None:
-        init_state = json.loads((sorted((args.init_run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json")
-                                .read_text())
-        init = {"run": str(args.init_run), "command": args.init_command, "steps": init_state["step"]}
+        init = {"run": str(args.init_run), "command": args.init_command, "steps": trained_steps(args.init_run)}
     rows = measured["rows"]
     keys = ("all", "lt8", "8to16", "ge12", "ge16")
     card = {
@@ -79,8 +77,8 @@ def main() -> None:
         "ship_command": shlex.join(["python", *sys.argv]),
         "data": "data/sample (train split latents)", "autoencoder": str(args.ae),
         "autoencoder_sha256": weights_sha256(args.ae),
-        "steps": steps["step"] + (init["steps"] if init else 0),
-        **({"init_from": init, "fine_tune_steps": steps["step"]} if init else {}),
+        "steps": steps + (init["steps"] if init else 0),
+        **({"init_from": init, "fine_tune_steps": steps} if init else {}),
         "batch_size": tc.batch_size, "lr": tc.lr, "lr_schedule": tc.lr_schedule,
         "ema_decay": tc.ema_decay, "seed": tc.seed, "weights": "model-ema of the run, cast to float16",
         "measured_with": measured["command"],

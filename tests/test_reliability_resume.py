@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import drivesim
+from drivesim.errors import CheckpointError
 from drivesim.training import checkpoint as ckpt
 
 TOY_PATH = Path(__file__).with_name("_engine_toy.py")
@@ -111,6 +112,7 @@ def test_twenty_random_sigkills_each_resume_is_bitwise_identical(forkserver, tmp
         assert p.exitcode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     ref = tmp_path / "straight"
     assert ckpt.latest_checkpoint(ref / "checkpoints").name == "step_000012"
+    assert ckpt.trained_steps(ref) == 12
     _assert_same_run(tmp_path / "straight_0", ref)
 
     rng = random.Random(SEED)
@@ -188,3 +190,9 @@ def test_resumed_checkpoints_load(forkserver, tmp_path):
     for step in steps:  # every checkpoint written by the killed and resumed starts loads
         ckpt.load_model(step)
         ckpt.load_model(step, ema=True)
+
+
+def test_trained_steps_names_a_folder_without_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "step_000004").mkdir(parents=True)  # no completion marker: a checkpoint cut short
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        ckpt.trained_steps(tmp_path)

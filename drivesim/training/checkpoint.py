@@ -374,6 +374,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return None if best is None else best[1]
 
 
+def trained_steps(run: str | Path) -> int:
+    """Optimizer steps of a training run folder: the step of its newest complete checkpoint (`run/checkpoints`).
+
+    Raises:
+        CheckpointError: `run` has no complete checkpoint.
+    """
+    ckpt = latest_checkpoint(Path(run) / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"{run}: no complete checkpoint under checkpoints/ (is it a training run folder?)")
+    return int(read_json(ckpt / TRAINER_STATE)["step"])
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     replace_dir(tmp, final)
     _fsync_dir(final.parent)
